@@ -1,0 +1,175 @@
+"""Observations: a timestamp floor read from ``pg_stat_activity``, then a snapshot.
+
+The invariant every export relies on: for an observation whose activity read gave
+``floor`` and whose later snapshot gave ``xmax``, every transaction with an xid
+``>= xmax`` started at or after ``floor``. Such a transaction received its xid
+after the snapshot. If it had started before the activity read, it was open
+during that read and its ``xact_start`` was counted; otherwise it started after
+the read, so after ``floor``. Reading the snapshot first breaks the claim,
+because a transaction can take an xid and commit between the two reads.
+
+A floor taken as "the oldest open transaction at snapshot time" and applied to
+the snapshot's ``xmin`` is not safe: xids are assigned at a transaction's first
+write, so an old transaction that only read so far is younger in xid order
+than a newer transaction that already wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime, timedelta
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+STATS_GRANT_HINT = "GRANT pg_read_all_stats TO {role};"
+
+ACTIVITY_QUERY = """
+SELECT
+    clock_timestamp() AS read_at,
+    min(a.xact_start) AS oldest_xact_start,
+    count(*) FILTER (
+        WHERE a.xact_start IS NULL AND (a.backend_xid IS NOT NULL OR a.backend_xmin IS NOT NULL)
+    ) AS backends_without_start,
+    count(*) FILTER (WHERE a.state = 'disabled') AS backends_untracked,
+    pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS can_read_stats
+FROM pg_stat_activity a
+WHERE a.datname = current_database()
+  AND a.pid <> pg_backend_pid()
+  AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
+"""
+
+SNAPSHOT_QUERY = """
+SELECT
+    pg_snapshot_xmin(s)::text::bigint AS xmin,
+    pg_snapshot_xmax(s)::text::bigint AS xmax,
+    clock_timestamp() AS taken_at
+FROM pg_current_snapshot() AS s
+"""
+
+PREPARED_QUERY = """
+SELECT gid, prepared, owner
+FROM pg_prepared_xacts
+WHERE database = current_database()
+ORDER BY prepared
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedTransaction:
+    """A two-phase transaction prepared in the source database and not yet committed or rolled back."""
+
+    gid: str
+    prepared: datetime
+    owner: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """One activity read followed by one snapshot, with the floor already reduced by the margin.
+
+    ``floor`` is safe for every xid ``>= xmax``. It is also safe for every xid
+    ``>= xmin`` when ``prepared`` is empty, because each transaction running at
+    snapshot time was either open and visible during the activity read or
+    started after it; prepared transactions are the exception, since they no
+    longer appear in ``pg_stat_activity``.
+    """
+
+    floor: datetime
+    trusted: bool
+    untrusted_reason: str | None
+    xmin: int
+    xmax: int
+    taken_at: datetime
+    prepared: tuple[PreparedTransaction, ...]
+
+    def to_history_entry(self) -> dict:
+        """Serialize the parts the floor history keeps."""
+        return {
+            "xmax": self.xmax,
+            "floor": self.floor.isoformat(),
+            "trusted": self.trusted,
+            "taken_at": self.taken_at.isoformat(),
+        }
+
+
+def take_observation(
+    conn: psycopg.Connection,
+    *,
+    floor_margin: timedelta,
+    fallback_window: timedelta,
+) -> Observation:
+    """Read ``pg_stat_activity``, then ``pg_current_snapshot()``, in two autocommit statements.
+
+    The floor is untrusted, and falls back to ``now - fallback_window``, when the
+    role cannot see other roles' ``xact_start`` (no ``pg_read_all_stats``), or when
+    a backend holds an xid or xmin without publishing ``xact_start``, or when a
+    backend runs with ``track_activities`` off.
+    """
+    if not conn.autocommit:
+        raise RuntimeError("take_observation needs an autocommit connection: the two reads must be two transactions.")
+
+    activity = conn.execute(ACTIVITY_QUERY).fetchone()
+    read_at, oldest_xact_start, without_start, untracked, can_read_stats = activity
+
+    snapshot_xmin, snapshot_xmax, taken_at = conn.execute(SNAPSHOT_QUERY).fetchone()
+    prepared = tuple(PreparedTransaction(*row) for row in conn.execute(PREPARED_QUERY).fetchall())
+
+    reason = None
+    if not can_read_stats:
+        reason = (
+            f"role {conn.info.user!r} cannot see other sessions' xact_start in pg_stat_activity; "
+            f"fix: {STATS_GRANT_HINT.format(role=conn.info.user)}"
+        )
+    elif without_start:
+        reason = f"{without_start} backend(s) hold an xid or xmin but publish no xact_start"
+    elif untracked:
+        reason = f"{untracked} backend(s) run with track_activities off, so their xact_start is hidden"
+
+    if reason is None:
+        floor = min(read_at, oldest_xact_start) if oldest_xact_start is not None else read_at
+    else:
+        floor = read_at - fallback_window
+
+    return Observation(
+        floor=floor - floor_margin,
+        trusted=reason is None,
+        untrusted_reason=reason,
+        xmin=snapshot_xmin,
+        xmax=snapshot_xmax,
+        taken_at=taken_at,
+        prepared=prepared,
+    )
+
+
+def anchor_floor(observation: Observation, *, fallback_window: timedelta, floor_margin: timedelta) -> tuple[datetime, str | None]:
+    """Return the floor that covers every xid ``>= observation.xmin`` and why it fell back, if it did.
+
+    Prepared transactions are open at the snapshot but absent from
+    ``pg_stat_activity``, and their start time is unknown, so any of them forces
+    the fallback window.
+    """
+    if observation.prepared:
+        gids = ", ".join(p.gid for p in observation.prepared)
+        reason = f"prepared transactions are open ({gids}), and their start time is unknown"
+        return observation.taken_at - fallback_window - floor_margin, reason
+    if not observation.trusted:
+        return observation.floor, observation.untrusted_reason
+    return observation.floor, None
+
+
+def read_system_identifier(conn: psycopg.Connection) -> str | None:
+    """Return the cluster's ``system_identifier``, or ``None`` when the role may not read it."""
+    try:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning(
+            "Role %s may not call pg_control_system(), so a restored or cloned database is detected only by "
+            "its xid going backwards; fix: GRANT EXECUTE ON FUNCTION pg_control_system() TO %s;",
+            conn.info.user,
+            conn.info.user,
+        )
+        return None
+    return row[0]

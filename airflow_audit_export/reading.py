@@ -1,0 +1,215 @@
+"""Bounded reads of rows whose ``xmin`` lies in an xid range, in ``(timestamp, id)`` keyset order.
+
+``xmin`` cannot be indexed, so every statement is also bounded by a timestamp
+slice that PostgreSQL can prune partitions and walk the timestamp index with,
+and by ``LIMIT`` with keyset continuation. Slices adapt their width so each
+statement stays near a target duration whatever the table size or backlog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+
+from airflow_audit_export.planning import SliceWidth
+from airflow_audit_export.source import SourceTable
+
+log = logging.getLogger(__name__)
+
+#: 2**32: row ``xmin`` values are 32-bit and wrap around.
+XID_MODULUS = 4294967296
+
+
+class StatementTimeoutError(RuntimeError):
+    """A statement over the narrowest allowed timestamp slice still hit ``statement_timeout``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeysetPosition:
+    """The last exported row in ``(timestamp, id)`` order; the id is kept as text and cast on use."""
+
+    timestamp: datetime
+    id: str
+
+    def to_json(self) -> dict:
+        return {"timestamp": self.timestamp.isoformat(), "id": self.id}
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> KeysetPosition | None:
+        if not value:
+            return None
+        return cls(timestamp=datetime.fromisoformat(value["timestamp"]), id=value["id"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRow:
+    """One row: its keyset position and its NDJSON document as produced by PostgreSQL."""
+
+    timestamp: datetime
+    id: str
+    document: str
+
+
+def build_xmin_page_query(table: SourceTable, *, bounded_above: bool, after_position: bool) -> sql.Composed:
+    """Build the page query for one timestamp slice.
+
+    The row's 32-bit ``xmin`` is widened to 64 bits against the ``xmax`` of the
+    statement's own snapshot: every row the statement can see was written by an
+    xid below that ``xmax`` and, by wraparound protection, less than 2**31 xids
+    before it. Rows with ``xmin < 3`` (bootstrap or frozen in old releases) are
+    treated as ancient and skipped.
+    """
+    t = sql.Identifier("t")
+    ts = sql.SQL("t.{}").format(sql.Identifier(table.timestamp_column))
+    id_ = sql.SQL("t.{}").format(sql.Identifier(table.id_column))
+    widened_xmin = sql.SQL(
+        "(r.ref - (((r.ref - t.xmin::text::bigint) %% {m}) + {m}) %% {m})"
+    ).format(m=sql.Literal(XID_MODULUS))
+
+    conditions = [
+        sql.SQL("{ts} >= %(slice_from)s").format(ts=ts),
+        sql.SQL("t.xmin::text::bigint >= 3"),
+        sql.SQL("{x} >= %(xid_lo)s AND {x} < %(xid_hi)s").format(x=widened_xmin),
+    ]
+    if bounded_above:
+        conditions.append(sql.SQL("{ts} < %(slice_to)s").format(ts=ts))
+    if after_position:
+        conditions.append(
+            sql.SQL("({ts}, {id}) > (%(after_ts)s, %(after_id)s::{id_type})").format(
+                ts=ts, id=id_, id_type=sql.SQL(table.id_type)
+            )
+        )
+
+    return sql.SQL(
+        "SELECT {ts}, {id}::text, row_to_json(doc)::text "
+        "FROM {table} AS {t} "
+        "CROSS JOIN (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS ref) AS r "
+        "CROSS JOIN LATERAL (SELECT {columns}) AS doc "
+        "WHERE {conditions} "
+        "ORDER BY {ts}, {id} "
+        "LIMIT %(limit)s"
+    ).format(
+        ts=ts,
+        id=id_,
+        table=table.identifier,
+        t=t,
+        columns=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.columns),
+        conditions=sql.SQL(" AND ").join(conditions),
+    )
+
+
+class XminRangeReader:
+    """Streams the rows with ``xmin`` in ``[lo, hi)`` and ``timestamp >= floor`` in keyset order.
+
+    Slices run from the floor (or the resume position) up to ``upper``, then one
+    last slice ``[upper, +infinity)`` catches rows stamped in the future. A page
+    cancelled by ``statement_timeout`` is retried over a narrower slice; its
+    rows were never delivered, so nothing is skipped or repeated.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        table: SourceTable,
+        *,
+        lo: int,
+        hi: int,
+        floor: datetime,
+        upper: datetime,
+        page_rows: int,
+        width: SliceWidth,
+        export_name: str = "",
+    ) -> None:
+        self.conn = conn
+        self.table = table
+        self.lo = lo
+        self.hi = hi
+        self.floor = floor
+        self.upper = upper
+        self.page_rows = page_rows
+        self.width = width
+        self.export_name = export_name
+        self.statements = 0
+        self.slowest_statement = 0.0
+
+    def rows(self, position: KeysetPosition | None) -> Iterator[ExportRow]:
+        """Yield rows after ``position`` (or from the floor) until the range is exhausted."""
+        slice_from = self.floor if position is None else max(self.floor, position.timestamp)
+        while True:
+            open_ended = slice_from >= self.upper
+            slice_to = None if open_ended else min(slice_from + self.width.width, self.upper)
+            try:
+                for row in self._slice_rows(slice_from, slice_to, position):
+                    position = KeysetPosition(row.timestamp, row.id)
+                    yield row
+            except _SliceTooWide:
+                if position is not None:
+                    slice_from = max(slice_from, position.timestamp)
+                continue
+            if open_ended:
+                return
+            slice_from = slice_to
+
+    def _slice_rows(
+        self, slice_from: datetime, slice_to: datetime | None, position: KeysetPosition | None
+    ) -> Iterator[ExportRow]:
+        after = position is not None and position.timestamp >= slice_from
+        params = {
+            "slice_from": slice_from,
+            "slice_to": slice_to,
+            "xid_lo": self.lo,
+            "xid_hi": self.hi,
+            "limit": self.page_rows,
+        }
+        while True:
+            query = build_xmin_page_query(self.table, bounded_above=slice_to is not None, after_position=after)
+            if after:
+                params["after_ts"] = position.timestamp
+                params["after_id"] = position.id
+            started = time.monotonic()
+            try:
+                page = self.conn.execute(query, params).fetchall()
+            except psycopg.errors.QueryCanceled as err:
+                elapsed = time.monotonic() - started
+                if not self.width.shrink():
+                    raise StatementTimeoutError(
+                        f"Export {self.export_name!r}: a page over [{slice_from.isoformat()}, "
+                        f"{slice_to.isoformat() if slice_to else 'infinity'}) was cancelled after {elapsed:.2f}s "
+                        "even at the narrowest slice; raise statement_timeout for the export role or add an "
+                        "index on the timestamp column."
+                    ) from err
+                log.warning(
+                    "Export %s: page over [%s, %s) cancelled after %.2fs by statement_timeout; retrying with "
+                    "slices of %s",
+                    self.export_name,
+                    slice_from.isoformat(),
+                    slice_to.isoformat() if slice_to else "infinity",
+                    elapsed,
+                    self.width.width,
+                )
+                raise _SliceTooWide from err
+            elapsed = time.monotonic() - started
+            self.statements += 1
+            self.slowest_statement = max(self.slowest_statement, elapsed)
+
+            for timestamp, id_text, document in page:
+                yield ExportRow(timestamp, id_text, document)
+
+            if len(page) < self.page_rows:
+                self.width.record(elapsed)
+                return
+            if elapsed > self.width.target:
+                self.width.shrink()
+            last_timestamp, last_id, _ = page[-1]
+            position = KeysetPosition(last_timestamp, last_id)
+            after = True
+
+
+class _SliceTooWide(Exception):
+    """Internal signal: the slice was cancelled and must be retried narrower from the same position."""

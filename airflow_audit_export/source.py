@@ -1,0 +1,176 @@
+"""Connections to the source database and validation of the source table against its catalog."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import psycopg
+from psycopg import sql
+
+from airflow_audit_export.settings import ExportSettings, split_qualified_name
+
+log = logging.getLogger(__name__)
+
+#: Id column types whose order is total and stable, so they can serve as the keyset tie-breaker.
+ID_TYPES = ("bigint", "integer", "smallint", "uuid", "text", "character varying", "numeric")
+
+
+class SourceTableError(ValueError):
+    """The configured source table, or one of its columns, cannot be exported as configured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceTable:
+    """A source table checked against the catalog: quoted identifiers and the id column's type."""
+
+    schema: str
+    name: str
+    timestamp_column: str
+    id_column: str
+    id_type: str
+    columns: tuple[str, ...]
+    partitioned: bool
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def open_connection(postgres_conn_id: str) -> psycopg.Connection:
+    """Open an autocommit psycopg 3 connection through the Airflow postgres provider.
+
+    Server-side prepared statements are disabled (``prepare_threshold = None``) and
+    ``plan_cache_mode`` is forced to custom plans: a generic plan on a partitioned
+    table prunes partitions only at run time, and planning every partition can
+    alone exceed a one-second ``statement_timeout``.
+    """
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    conn = PostgresHook(postgres_conn_id=postgres_conn_id).get_conn()
+    if not isinstance(conn, psycopg.Connection):
+        conn.close()
+        raise RuntimeError(
+            f"Connection {postgres_conn_id!r} opened a {type(conn).__module__} connection, but psycopg 3 is "
+            "required: install 'psycopg[binary]>=3.2' alongside SQLAlchemy 2 so the postgres provider uses it."
+        )
+    configure_connection(conn)
+    return conn
+
+
+def configure_connection(conn: psycopg.Connection) -> None:
+    """Put a connection in the mode every exporter statement expects."""
+    conn.autocommit = True
+    conn.prepare_threshold = None
+    conn.execute("SET plan_cache_mode = force_custom_plan")
+    conn.execute("SET application_name = 'airflow-audit-export'")
+
+
+def describe_table(
+    conn: psycopg.Connection,
+    qualified_name: str,
+    *,
+    timestamp_column: str,
+    id_column: str,
+    columns: tuple[str, ...] | None,
+    what: str = "table",
+) -> SourceTable:
+    """Check a source table in the catalog and return its description.
+
+    Raises :class:`SourceTableError` when the table is missing or unreadable, when the
+    timestamp column is not ``timestamptz``, when the id column has a type without a
+    stable order, or when a configured column does not exist.
+    """
+    schema, name = split_qualified_name(qualified_name, what=what)
+    row = conn.execute(
+        """
+        SELECT c.oid, c.relkind
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+        """,
+        (schema, name),
+    ).fetchone()
+    if row is None:
+        raise SourceTableError(
+            f"Source {what} {qualified_name!r} was not found: check the schema and table name "
+            "(AUDIT_EXPORT_TABLE or the operator's table argument)."
+        )
+    oid, relkind = row
+
+    privilege = conn.execute("SELECT has_table_privilege(%s::oid, 'SELECT')", (oid,)).fetchone()[0]
+    if not privilege:
+        raise SourceTableError(
+            f"The role {conn.info.user!r} cannot read {qualified_name!r}: run "
+            f"GRANT SELECT ON {schema}.{name} TO {conn.info.user};"
+        )
+
+    attributes = dict(
+        conn.execute(
+            """
+            SELECT attname, format_type(atttypid, atttypmod)
+            FROM pg_attribute
+            WHERE attrelid = %s::oid AND attnum > 0 AND NOT attisdropped
+            ORDER BY attnum
+            """,
+            (oid,),
+        ).fetchall()
+    )
+
+    timestamp_type = attributes.get(timestamp_column)
+    if timestamp_type is None:
+        raise SourceTableError(
+            f"Timestamp column {timestamp_column!r} was not found in {qualified_name!r}; "
+            f"its columns are: {', '.join(attributes)}."
+        )
+    if timestamp_type != "timestamp with time zone":
+        raise SourceTableError(
+            f"Timestamp column {timestamp_column!r} of {qualified_name!r} has type {timestamp_type!r}, "
+            "but timestamptz is required so that every bound compares in UTC."
+        )
+
+    id_type = attributes.get(id_column)
+    if id_type is None:
+        raise SourceTableError(
+            f"Id column {id_column!r} was not found in {qualified_name!r}; its columns are: {', '.join(attributes)}."
+        )
+    if id_type.split("(")[0] not in ID_TYPES:
+        raise SourceTableError(
+            f"Id column {id_column!r} of {qualified_name!r} has type {id_type!r}; "
+            f"expected one of: {', '.join(ID_TYPES)}."
+        )
+
+    if columns is None:
+        exported = tuple(attributes)
+    else:
+        missing = [c for c in columns if c not in attributes]
+        if missing:
+            raise SourceTableError(
+                f"Columns {', '.join(map(repr, missing))} were not found in {qualified_name!r}; "
+                f"its columns are: {', '.join(attributes)}."
+            )
+        exported = tuple(columns)
+
+    return SourceTable(
+        schema=schema,
+        name=name,
+        timestamp_column=timestamp_column,
+        id_column=id_column,
+        id_type=id_type,
+        columns=exported,
+        partitioned=relkind == "p",
+    )
+
+
+def describe_source(conn: psycopg.Connection, settings: ExportSettings) -> SourceTable:
+    """Describe the export's main source table."""
+    return describe_table(
+        conn,
+        settings.table,
+        timestamp_column=settings.timestamp_column,
+        id_column=settings.id_column,
+        columns=settings.columns,
+    )

@@ -1,0 +1,208 @@
+"""Object keys, NDJSON object files and the destinations they are published to.
+
+An object is built in a staging file, then published whole: a local destination
+renames it into place, S3 receives it in one upload. A reader of the destination
+therefore never sees part of an object.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import tempfile
+import uuid
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import IO, Protocol
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
+
+DESTINATION_SCHEMES = ("file", "s3")
+
+
+class DestinationError(ValueError):
+    """The destination URI is invalid, or the destination cannot be written."""
+
+
+def utc_day(value: datetime) -> date:
+    """Return the UTC calendar day of an aware timestamp."""
+    return value.astimezone(timezone.utc).date()
+
+
+def object_key(prefix: str, day: date, stem: str, compression: str) -> str:
+    """Build ``{prefix}/dt=YYYY-MM-DD/{stem}.ndjson[.gz]``; the day folder is the Hive partition."""
+    suffix = ".ndjson.gz" if compression == "gzip" else ".ndjson"
+    parts = [p for p in (prefix.strip("/"), f"dt={day.isoformat()}", f"{stem}{suffix}") if p]
+    return "/".join(parts)
+
+
+def steady_state_stem(name: str, lo: int, hi: int, sequence: int) -> str:
+    """Name a steady-state object by its xid range ``[lo, hi)`` and its sequence number in that range."""
+    return f"{name}_xmin_{lo}-{hi}_{sequence:06d}"
+
+
+class Destination(Protocol):
+    """Where finished objects go; ``uri`` is also the Airflow Asset URI."""
+
+    uri: str
+    prefix: str
+
+    def staging_dir(self) -> str: ...
+
+    def check_writable(self) -> None: ...
+
+    def publish(self, staged_path: str, key: str) -> None: ...
+
+
+class LocalDestination:
+    """A folder on the worker; objects are renamed into place from a staging folder on the same filesystem."""
+
+    def __init__(self, uri: str, root: Path) -> None:
+        self.uri = uri
+        self.root = root
+        self.prefix = ""
+
+    def staging_dir(self) -> str:
+        path = self.root / ".staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = Path(self.staging_dir()) / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise DestinationError(
+                f"Destination {self.uri!r} is not writable ({err.strerror}): create the folder and give the "
+                "Airflow worker's user write access, or set AUDIT_EXPORT_DESTINATION to another folder."
+            ) from err
+
+    def publish(self, staged_path: str, key: str) -> None:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged_path, target)
+
+    def path_of(self, key: str) -> Path:
+        return self.root / key
+
+
+class S3Destination:
+    """An S3 bucket and prefix reached through the Amazon provider's ``S3Hook`` (MinIO via ``endpoint_url``)."""
+
+    def __init__(self, uri: str, bucket: str, prefix: str, aws_conn_id: str | None) -> None:
+        self.uri = uri
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.aws_conn_id = aws_conn_id
+        self._hook = None
+
+    @property
+    def hook(self):
+        if self._hook is None:
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            self._hook = S3Hook(aws_conn_id=self.aws_conn_id)
+        return self._hook
+
+    def staging_dir(self) -> str:
+        return tempfile.gettempdir()
+
+    def check_writable(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.hook.get_conn().head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise DestinationError(
+                    f"Bucket {self.bucket!r} of destination {self.uri!r} was not found: create it or fix "
+                    "AUDIT_EXPORT_DESTINATION."
+                ) from err
+            raise DestinationError(
+                f"Cannot access bucket {self.bucket!r} through connection {self.aws_conn_id!r} ({code}): check "
+                "the connection's credentials and the bucket policy."
+            ) from err
+        except BotoCoreError as err:
+            raise DestinationError(
+                f"Cannot reach destination {self.uri!r} through connection {self.aws_conn_id!r}: {err}"
+            ) from err
+
+    def publish(self, staged_path: str, key: str) -> None:
+        try:
+            self.hook.load_file(filename=staged_path, key=key, bucket_name=self.bucket, replace=True)
+        finally:
+            os.unlink(staged_path)
+
+
+def parse_destination(uri: str, *, aws_conn_id: str | None = "aws_default") -> Destination:
+    """Build a destination from ``file:///absolute/path`` or ``s3://bucket/prefix``."""
+    if not isinstance(uri, str) or not uri:
+        raise DestinationError(f"Invalid destination {uri!r}: expected file:///absolute/path or s3://bucket/prefix.")
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise DestinationError(
+                f"Invalid destination {uri!r}: a file URI needs three slashes and an absolute path, "
+                "for example file:///var/lib/audit-export."
+            )
+        path = Path(unquote(parsed.path))
+        if not path.is_absolute():
+            raise DestinationError(f"Invalid destination {uri!r}: the path must be absolute.")
+        return LocalDestination(uri.rstrip("/"), path)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise DestinationError(f"Invalid destination {uri!r}: expected s3://bucket/prefix with a bucket name.")
+        return S3Destination(uri.rstrip("/"), parsed.netloc, parsed.path, aws_conn_id)
+    raise DestinationError(
+        f"Invalid destination {uri!r}: scheme {parsed.scheme!r} is not supported; use one of "
+        f"{', '.join(s + '://' for s in DESTINATION_SCHEMES)}."
+    )
+
+
+class StagedObject:
+    """An NDJSON object being written to a staging file, gzip-compressed with a fixed header.
+
+    The gzip header carries no file name and a zero mtime, so the same rows
+    always produce the same bytes.
+    """
+
+    def __init__(self, staging_dir: str, compression: str) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=".partial-", suffix=".ndjson", dir=staging_dir)
+        self._raw: IO[bytes] = os.fdopen(fd, "wb")
+        self._out: IO[bytes] = (
+            gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6)
+            if compression == "gzip"
+            else self._raw
+        )
+        self.rows = 0
+
+    def write(self, document: str) -> None:
+        self._out.write(document.encode("utf-8"))
+        self._out.write(b"\n")
+        self.rows += 1
+
+    def finish(self) -> int:
+        """Flush to disk and return the object's size in bytes."""
+        if self._out is not self._raw:
+            self._out.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        size = self._raw.tell()
+        self._raw.close()
+        return size
+
+    def discard(self) -> None:
+        for stream in (self._out, self._raw):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
