@@ -1,0 +1,67 @@
+"""The ``airflow-audit-export`` command line: ``status`` prints the state of one or every export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import psycopg
+
+from airflow_audit_export.source import configure_connection
+from airflow_audit_export.state import StateStore, StateTableError
+from airflow_audit_export.status import format_status, read_status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airflow-audit-export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="print cursor, lag, floor trust, pending range, gaps and last run")
+    source = status.add_mutually_exclusive_group()
+    source.add_argument(
+        "--conn-id",
+        default=os.environ.get("AUDIT_EXPORT_POSTGRES_CONN_ID", "audit_db"),
+        help="Airflow connection id of the source database (default: $AUDIT_EXPORT_POSTGRES_CONN_ID or audit_db)",
+    )
+    source.add_argument("--dsn", help="libpq connection string or URI, used instead of an Airflow connection")
+    status.add_argument(
+        "--state-table",
+        default=os.environ.get("AUDIT_EXPORT_STATE_TABLE", "public.audit_export_state"),
+        help="schema-qualified state table (default: public.audit_export_state)",
+    )
+    status.add_argument("--name", help="export name; every export in the state table when omitted")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> psycopg.Connection:
+    if args.dsn:
+        conn = psycopg.connect(args.dsn)
+        configure_connection(conn)
+        return conn
+    from airflow_audit_export.source import open_connection
+
+    return open_connection(args.conn_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _connect(args) as conn:
+        try:
+            names = [args.name] if args.name else StateStore(conn, args.state_table).list_names()
+            statuses = [read_status(conn, args.state_table, name) for name in names]
+        except (StateTableError, LookupError, psycopg.errors.UndefinedTable) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(statuses, indent=2, default=str))
+    elif not statuses:
+        print(f"No exports in {args.state_table}: the anchor task has not run yet.")
+    else:
+        print("\n\n".join(format_status(status) for status in statuses))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Settings of the bundled DAGs, read from environment variables so one DAG file serves every deployment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+DEFAULT_SCHEDULE = "*/5 * * * *"
+
+
+def default_destination() -> str:
+    """A folder under ``AIRFLOW_HOME``, the embedded default destination."""
+    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow")).expanduser().resolve()
+    return f"file://{home / 'audit-export'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DagSettings:
+    """The ``AUDIT_EXPORT_*`` environment variables, with their defaults."""
+
+    name: str
+    postgres_conn_id: str
+    table: str
+    timestamp_column: str
+    id_column: str
+    legacy_table: str | None
+    state_table: str
+    destination: str
+    aws_conn_id: str
+    schedule: str | None
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> DagSettings:
+        env = os.environ if environ is None else environ
+        schedule = env.get("AUDIT_EXPORT_SCHEDULE", DEFAULT_SCHEDULE).strip()
+        return cls(
+            name=env.get("AUDIT_EXPORT_NAME", "audit"),
+            postgres_conn_id=env.get("AUDIT_EXPORT_POSTGRES_CONN_ID", "audit_db"),
+            table=env.get("AUDIT_EXPORT_TABLE", "public.audit_partitioned"),
+            timestamp_column=env.get("AUDIT_EXPORT_TIMESTAMP_COLUMN", "timestamp"),
+            id_column=env.get("AUDIT_EXPORT_ID_COLUMN", "id"),
+            legacy_table=env.get("AUDIT_EXPORT_LEGACY_TABLE") or None,
+            state_table=env.get("AUDIT_EXPORT_STATE_TABLE", "public.audit_export_state"),
+            destination=env.get("AUDIT_EXPORT_DESTINATION") or default_destination(),
+            aws_conn_id=env.get("AUDIT_EXPORT_AWS_CONN_ID", "aws_default"),
+            schedule=None if schedule.lower() in ("", "none") else schedule,
+        )
