@@ -29,6 +29,8 @@ class DagSettings:
     destination: str
     aws_conn_id: str
     schedule: str | None
+    gap_policy: str
+    backfill_max_active_ranges: int
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> DagSettings:
@@ -45,4 +47,28 @@ class DagSettings:
             destination=env.get("AUDIT_EXPORT_DESTINATION") or default_destination(),
             aws_conn_id=env.get("AUDIT_EXPORT_AWS_CONN_ID", "aws_default"),
             schedule=None if schedule.lower() in ("", "none") else schedule,
+            gap_policy=env.get("AUDIT_EXPORT_GAP_POLICY", "backfill").strip().lower(),
+            backfill_max_active_ranges=_positive_int(env, "AUDIT_BACKFILL_MAX_ACTIVE_RANGES", 4),
         )
+
+    def source_arguments(self) -> dict:
+        """Operator arguments that name the source, the destination and the connections."""
+        return {
+            "export_name": self.name,
+            "table": self.table,
+            "destination": self.destination,
+            "postgres_conn_id": self.postgres_conn_id,
+            "aws_conn_id": self.aws_conn_id,
+            "timestamp_column": self.timestamp_column,
+            "id_column": self.id_column,
+            "state_table": self.state_table,
+        }
+
+
+def _positive_int(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"Invalid {name} {raw!r}: expected a positive integer.")
+    return int(raw)

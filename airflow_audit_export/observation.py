@@ -2,11 +2,18 @@
 
 The invariant every export relies on: for an observation whose activity read gave
 ``floor`` and whose later snapshot gave ``xmax``, every transaction with an xid
-``>= xmax`` started at or after ``floor``. Such a transaction received its xid
-after the snapshot. If it had started before the activity read, it was open
-during that read and its ``xact_start`` was counted; otherwise it started after
-the read, so after ``floor``. Reading the snapshot first breaks the claim,
-because a transaction can take an xid and commit between the two reads.
+``>= xmax`` started at or after ``floor``. A snapshot's ``xmax`` is the latest
+completed xid plus one, so such a transaction either received its xid after the
+snapshot or was still running at the snapshot. If it started before the
+activity read, it was open during that read and its ``xact_start`` was counted;
+otherwise it started after the read, so after ``floor``. Reading the snapshot
+first breaks the claim, because a transaction can take an xid and commit
+between the two reads.
+
+Prepared (two-phase) transactions are the exception: they leave
+``pg_stat_activity`` at ``PREPARE TRANSACTION`` but keep running, possibly with
+an xid at or above ``xmax``. They are read between the activity read and the
+snapshot, and the observation's ``xmax`` is raised above the newest of them.
 
 A floor taken as "the oldest open transaction at snapshot time" and applied to
 the snapshot's ``xmin`` is not safe: xids are assigned at a transaction's first
@@ -50,7 +57,7 @@ FROM pg_current_snapshot() AS s
 """
 
 PREPARED_QUERY = """
-SELECT gid, prepared, owner
+SELECT gid, prepared, owner, transaction::text::bigint
 FROM pg_prepared_xacts
 WHERE database = current_database()
 ORDER BY prepared
@@ -64,17 +71,20 @@ class PreparedTransaction:
     gid: str
     prepared: datetime
     owner: str
+    xid32: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
-    """One activity read followed by one snapshot, with the floor already reduced by the margin.
+    """One activity read, a read of prepared transactions, then one snapshot.
 
-    ``floor`` is safe for every xid ``>= xmax``. It is also safe for every xid
-    ``>= xmin`` when ``prepared`` is empty, because each transaction running at
-    snapshot time was either open and visible during the activity read or
-    started after it; prepared transactions are the exception, since they no
-    longer appear in ``pg_stat_activity``.
+    ``floor`` is already reduced by the margin. ``xmax`` is the snapshot's
+    ``xmax``, raised above every prepared transaction's xid, and ``floor`` is
+    safe for every xid ``>= xmax``. It is also safe for every xid ``>= xmin``
+    when ``prepared`` is empty, because each transaction running at snapshot
+    time was either open and visible during the activity read or started after
+    it. Prepared transactions no longer appear in ``pg_stat_activity``, so they
+    are the exception.
     """
 
     floor: datetime
@@ -101,7 +111,11 @@ def take_observation(
     floor_margin: timedelta,
     fallback_window: timedelta,
 ) -> Observation:
-    """Read ``pg_stat_activity``, then ``pg_current_snapshot()``, in two autocommit statements.
+    """Read ``pg_stat_activity``, then ``pg_prepared_xacts``, then ``pg_current_snapshot()``.
+
+    Each read is its own autocommit statement, in that order: a transaction
+    prepared before the activity read is in the prepared list, and one prepared
+    later was still visible in ``pg_stat_activity`` during the activity read.
 
     The floor is untrusted, and falls back to ``now - fallback_window``, when the
     role cannot see other roles' ``xact_start`` (no ``pg_read_all_stats``), or when
@@ -114,8 +128,10 @@ def take_observation(
     activity = conn.execute(ACTIVITY_QUERY).fetchone()
     read_at, oldest_xact_start, without_start, untracked, can_read_stats = activity
 
-    snapshot_xmin, snapshot_xmax, taken_at = conn.execute(SNAPSHOT_QUERY).fetchone()
     prepared = tuple(PreparedTransaction(*row) for row in conn.execute(PREPARED_QUERY).fetchall())
+    snapshot_xmin, snapshot_xmax, taken_at = conn.execute(SNAPSHOT_QUERY).fetchone()
+    prepared_xids = [widen_xid(p.xid32, snapshot_xmax) for p in prepared]
+    xmax = max([snapshot_xmax, *(xid + 1 for xid in prepared_xids)])
 
     reason = None
     if not can_read_stats:
@@ -138,10 +154,23 @@ def take_observation(
         trusted=reason is None,
         untrusted_reason=reason,
         xmin=snapshot_xmin,
-        xmax=snapshot_xmax,
+        xmax=xmax,
         taken_at=taken_at,
         prepared=prepared,
     )
+
+
+def widen_xid(xid32: int, reference: int) -> int:
+    """Return the 64-bit xid nearest to ``reference`` whose low 32 bits are ``xid32``.
+
+    Live xids lie within 2**31 of the current xid, which wraparound protection
+    guarantees, so the nearest candidate is the right one.
+    """
+    modulus = 1 << 32
+    offset = (xid32 - reference) % modulus
+    if offset >= modulus // 2:
+        offset -= modulus
+    return reference + offset
 
 
 def anchor_floor(observation: Observation, *, fallback_window: timedelta, floor_margin: timedelta) -> tuple[datetime, str | None]:

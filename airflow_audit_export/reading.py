@@ -56,27 +56,33 @@ class ExportRow:
     document: str
 
 
-def build_xmin_page_query(table: SourceTable, *, bounded_above: bool, after_position: bool) -> sql.Composed:
-    """Build the page query for one timestamp slice.
+def build_page_query(
+    table: SourceTable, *, xmin_range: bool, bounded_above: bool, after_position: bool
+) -> sql.Composed:
+    """Build one keyset page query over ``[slice_from, slice_to)`` in ``(timestamp, id)`` order.
 
-    The row's 32-bit ``xmin`` is widened to 64 bits against the ``xmax`` of the
-    statement's own snapshot: every row the statement can see was written by an
-    xid below that ``xmax`` and, by wraparound protection, less than 2**31 xids
-    before it. Rows with ``xmin < 3`` (bootstrap or frozen in old releases) are
-    treated as ancient and skipped.
+    With ``xmin_range``, only rows whose ``xmin`` lies in ``[xid_lo, xid_hi)``
+    qualify. The row's 32-bit ``xmin`` is widened to 64 bits against the
+    ``xmax`` of the statement's own snapshot. Every row the statement can see
+    was written by an xid below that ``xmax``, and wraparound protection keeps
+    that xid less than 2**31 below it. Rows with ``xmin < 3`` (bootstrap, or
+    frozen before PostgreSQL 9.4) are treated as ancient and skipped.
     """
     t = sql.Identifier("t")
     ts = sql.SQL("t.{}").format(sql.Identifier(table.timestamp_column))
     id_ = sql.SQL("t.{}").format(sql.Identifier(table.id_column))
-    widened_xmin = sql.SQL(
-        "(r.ref - (((r.ref - t.xmin::text::bigint) %% {m}) + {m}) %% {m})"
-    ).format(m=sql.Literal(XID_MODULUS))
 
-    conditions = [
-        sql.SQL("{ts} >= %(slice_from)s").format(ts=ts),
-        sql.SQL("t.xmin::text::bigint >= 3"),
-        sql.SQL("{x} >= %(xid_lo)s AND {x} < %(xid_hi)s").format(x=widened_xmin),
-    ]
+    joins = [sql.SQL("CROSS JOIN LATERAL (SELECT {columns}) AS doc").format(
+        columns=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.columns)
+    )]
+    conditions = [sql.SQL("{ts} >= %(slice_from)s").format(ts=ts)]
+    if xmin_range:
+        joins.insert(0, sql.SQL("CROSS JOIN (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS ref) AS r"))
+        widened_xmin = sql.SQL(
+            "(r.ref - (((r.ref - t.xmin::text::bigint) %% {m}) + {m}) %% {m})"
+        ).format(m=sql.Literal(XID_MODULUS))
+        conditions.append(sql.SQL("t.xmin::text::bigint >= 3"))
+        conditions.append(sql.SQL("{x} >= %(xid_lo)s AND {x} < %(xid_hi)s").format(x=widened_xmin))
     if bounded_above:
         conditions.append(sql.SQL("{ts} < %(slice_to)s").format(ts=ts))
     if after_position:
@@ -88,9 +94,7 @@ def build_xmin_page_query(table: SourceTable, *, bounded_above: bool, after_posi
 
     return sql.SQL(
         "SELECT {ts}, {id}::text, row_to_json(doc)::text "
-        "FROM {table} AS {t} "
-        "CROSS JOIN (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS ref) AS r "
-        "CROSS JOIN LATERAL (SELECT {columns}) AS doc "
+        "FROM {table} AS {t} {joins} "
         "WHERE {conditions} "
         "ORDER BY {ts}, {id} "
         "LIMIT %(limit)s"
@@ -99,7 +103,7 @@ def build_xmin_page_query(table: SourceTable, *, bounded_above: bool, after_posi
         id=id_,
         table=table.identifier,
         t=t,
-        columns=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.columns),
+        joins=sql.SQL(" ").join(joins),
         conditions=sql.SQL(" AND ").join(conditions),
     )
 
@@ -168,7 +172,9 @@ class XminRangeReader:
             "limit": self.page_rows,
         }
         while True:
-            query = build_xmin_page_query(self.table, bounded_above=slice_to is not None, after_position=after)
+            query = build_page_query(
+                self.table, xmin_range=True, bounded_above=slice_to is not None, after_position=after
+            )
             if after:
                 params["after_ts"] = position.timestamp
                 params["after_id"] = position.id

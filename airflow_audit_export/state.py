@@ -114,10 +114,13 @@ class StateStore:
 
     # -- table ---------------------------------------------------------------------------
 
+    def exists(self) -> bool:
+        """Return whether the state table exists (and is visible to the role)."""
+        return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._regclass_name(),)).fetchone()[0]
+
     def ensure_table(self) -> bool:
         """Create the state table when it is missing; return whether it was created."""
-        exists = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._regclass_name(),)).fetchone()[0]
-        if exists:
+        if self.exists():
             return False
         try:
             self.conn.execute(sql.SQL(CREATE_STATE_TABLE).format(table=self.identifier))

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from airflow_audit_export.observation import widen_xid
 from airflow_audit_export.planning import SliceWidth, advance_floor, plan_xid_range, thin_history
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.state import MAX_HISTORY_ENTRIES
@@ -155,3 +156,18 @@ def test_object_key_layout():
 
     assert key == "exports/audit/dt=2026-01-01/audit_xmin_1-2_000001.ndjson.gz"
     assert object_key("", T0.date(), "stem", "none") == "dt=2026-01-01/stem.ndjson"
+
+
+@pytest.mark.parametrize(
+    ("xid32", "reference", "expected"),
+    [
+        (726, 726, 726),
+        (730, 726, 730),
+        (700, 726, 700),
+        (5, (1 << 32) + 10, (1 << 32) + 5),
+        ((1 << 32) - 3, (1 << 32) + 10, (1 << 32) - 3),
+        (20, (1 << 32) - 5, (1 << 32) + 20),
+    ],
+)
+def test_widen_xid_picks_nearest_epoch(xid32, reference, expected):
+    assert widen_xid(xid32, reference) == expected

@@ -1,0 +1,287 @@
+"""Backfill operators: plan a validated window, export one page range, summarize the window."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_audit_export.backfilling import export_range, write_manifest
+from airflow_audit_export.gaps import find_gap, mark_gap_backfill
+from airflow_audit_export.operators.base import SETTINGS_FIELDS, build_settings, source_connection
+from airflow_audit_export.ranges import plan_ranges, utc
+from airflow_audit_export.settings import ExportSettings
+from airflow_audit_export.source import SourceTable, describe_source, describe_table
+from airflow_audit_export.window import Window, check_window_settled, parse_window
+from airflow_audit_export.writing import parse_destination
+
+DEFAULT_MAX_RANGES = 64
+
+
+def _settings(operator, extra: dict | None = None) -> ExportSettings:
+    unknown = sorted(set(operator.tuning) - set(SETTINGS_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown tuning options {unknown}: valid options are {', '.join(SETTINGS_FIELDS)}.")
+    options = {
+        **operator.tuning,
+        "timestamp_column": operator.timestamp_column,
+        "id_column": operator.id_column,
+        "columns": operator.columns or None,
+        "legacy_table": operator.legacy_table or None,
+        "state_table": operator.state_table,
+        **(extra or {}),
+    }
+    return build_settings(operator.export_name, operator.table, options)
+
+
+def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
+    """Describe the main table and, when configured, the legacy table, which must have the same columns."""
+    main = describe_source(conn, settings)
+    tables = [("main", main)]
+    if settings.legacy_table:
+        legacy = describe_table(
+            conn,
+            settings.legacy_table,
+            timestamp_column=settings.timestamp_column,
+            id_column=settings.id_column,
+            columns=main.columns,
+            what="legacy_table",
+        )
+        tables.append(("legacy", legacy))
+    return tables
+
+
+class _BackfillBase(BaseOperator):
+    """Arguments shared by the backfill operators."""
+
+    template_fields: Sequence[str] = (
+        "export_name",
+        "table",
+        "legacy_table",
+        "destination",
+        "timestamp_column",
+        "id_column",
+        "columns",
+        "state_table",
+    )
+
+    def __init__(
+        self,
+        *,
+        export_name: str,
+        table: str,
+        destination: str,
+        postgres_conn_id: str = "postgres_default",
+        aws_conn_id: str | None = "aws_default",
+        legacy_table: str | None = None,
+        timestamp_column: str = "timestamp",
+        id_column: str = "id",
+        columns: list[str] | str | None = None,
+        state_table: str = "public.audit_export_state",
+        tuning: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.export_name = export_name
+        self.table = table
+        self.destination = destination
+        self.postgres_conn_id = postgres_conn_id
+        self.aws_conn_id = aws_conn_id
+        self.legacy_table = legacy_table
+        self.timestamp_column = timestamp_column
+        self.id_column = id_column
+        self.columns = columns
+        self.state_table = state_table
+        self.tuning = tuning or {}
+
+
+class BackfillWindowOperator(_BackfillBase):
+    """
+    Validate a backfill window and split it into page ranges for mapped export tasks.
+
+    Rejects, before any side effect and with the value and the fix in the
+    message: ``from >= to``, a date-time without offset, a window entirely in
+    the future, and a ``to`` that is not settled (with the largest allowed
+    ``to``, the missing grant, or the prepared transaction that blocks it).
+    A window equal to a gap recorded by a re-anchor skips the settled check:
+    rows committed after the re-anchor are above the new cursor and reach the
+    destination through the steady-state export.
+
+    :param export_name: Name of the export. (templated)
+    :param table: Schema-qualified source table. (templated)
+    :param destination: ``file:///absolute/path`` or ``s3://bucket/prefix``. (templated)
+    :param window_from: Start of the window, ISO 8601 with offset. (templated)
+    :param window_to: End of the window, exclusive, ISO 8601 with offset. (templated)
+    :param page_rows: Rows per keyset page (``LIMIT``). (templated)
+    :param max_ranges: Maximum number of page ranges, capped by Airflow's ``core.max_map_length``.
+    :param postgres_conn_id: Airflow connection to the source database.
+    :param aws_conn_id: Airflow connection for an ``s3://`` destination.
+    :param legacy_table: Older unpartitioned table with the same columns, exported too. (templated)
+    :param timestamp_column: ``timestamptz`` column. (templated)
+    :param id_column: Unique, orderable id column. (templated)
+    :param columns: Columns to export; all when empty. (templated)
+    :param state_table: Schema-qualified state table, read for recorded gaps. (templated)
+    :param tuning: Overrides of other ``ExportSettings`` fields, such as ``rows_per_object``.
+    """
+
+    template_fields: Sequence[str] = (*_BackfillBase.template_fields, "window_from", "window_to", "page_rows")
+    ui_color = "#fef7e0"
+
+    def __init__(
+        self,
+        *,
+        window_from: str,
+        window_to: str,
+        page_rows: int | str = 10_000,
+        max_ranges: int = DEFAULT_MAX_RANGES,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.window_from = window_from
+        self.window_to = window_to
+        self.page_rows = page_rows
+        self.max_ranges = max_ranges
+
+    def execute(self, context) -> list[dict]:
+        from airflow.sdk.configuration import conf
+
+        window = parse_window(self.window_from, self.window_to)
+        settings = _settings(self, {"page_rows": self.page_rows})
+        max_map_length = conf.getint("core", "max_map_length")
+        if not isinstance(self.max_ranges, int) or self.max_ranges < 1:
+            raise ValueError(f"Invalid max_ranges {self.max_ranges!r}: expected a positive integer.")
+        max_ranges = min(self.max_ranges, max_map_length)
+        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+
+        with source_connection(self.postgres_conn_id) as conn:
+            tables = _source_tables(conn, settings)
+            gap = find_gap(conn, settings, window)
+            if gap is None:
+                largest_to = check_window_settled(conn, settings, window)
+                self.log.info("Window [%s, %s) is settled (largest allowed to: %s)", window.start, window.end, largest_to)
+            else:
+                self.log.info(
+                    "Window [%s, %s) is the gap recorded at %s (%s); the settled check is skipped because rows "
+                    "committed after the re-anchor are above the new cursor",
+                    window.start,
+                    window.end,
+                    gap.get("recorded_at"),
+                    gap.get("reason"),
+                )
+            destination.check_writable()
+            ranges = plan_ranges(conn, [table for _, table in tables], window, max_ranges)
+
+        self.log.info(
+            "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s)",
+            len(ranges),
+            window.start,
+            window.end,
+            sum(r.estimated_rows for r in ranges),
+            self.max_ranges,
+            max_map_length,
+        )
+        return [
+            {**r.to_json(), "window_from": window.start.isoformat(), "window_to": window.end.isoformat(), "page_rows": settings.page_rows}
+            for r in ranges
+        ]
+
+
+class BackfillRangeOperator(_BackfillBase):
+    """
+    Export one page range of a backfill window, from the main table and the legacy table.
+
+    Meant to be mapped over the output of :class:`BackfillWindowOperator`, one
+    task per range. A retry rewrites the same keys with the same bytes.
+
+    :param export_range: One range from :class:`BackfillWindowOperator`, with the window and page size.
+    :param export_name: Name of the export. (templated)
+    :param table: Schema-qualified source table. (templated)
+    :param destination: ``file:///absolute/path`` or ``s3://bucket/prefix``. (templated)
+    :param postgres_conn_id: Airflow connection to the source database.
+    :param aws_conn_id: Airflow connection for an ``s3://`` destination.
+    :param legacy_table: Older unpartitioned table with the same columns, exported too. (templated)
+    :param timestamp_column: ``timestamptz`` column. (templated)
+    :param id_column: Unique, orderable id column. (templated)
+    :param columns: Columns to export; all when empty. (templated)
+    :param state_table: Schema-qualified state table. (templated)
+    :param tuning: Overrides of other ``ExportSettings`` fields, such as ``rows_per_object`` or ``compression``.
+    """
+
+    ui_color = "#fef7e0"
+
+    def __init__(self, *, export_range: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.export_range = export_range
+
+    def execute(self, context) -> dict:
+        spec = self.export_range
+        window = Window(utc(spec["window_from"]), utc(spec["window_to"]))
+        settings = _settings(self, {"page_rows": spec["page_rows"]})
+        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+        self.log.info("Exporting range %s of window [%s, %s)", spec["label"], window.start, window.end)
+
+        with source_connection(self.postgres_conn_id) as conn:
+            tables = _source_tables(conn, settings)
+            destination.check_writable()
+            result = export_range(
+                conn,
+                tables,
+                destination,
+                name=settings.name,
+                window=window,
+                start=utc(spec["from"]),
+                end=utc(spec["to"]),
+                page_rows=settings.page_rows,
+                rows_per_object=settings.rows_per_object,
+                compression=settings.compression,
+            )
+        return {**result, "index": spec["index"], "label": spec["label"]}
+
+
+class BackfillSummaryOperator(_BackfillBase):
+    """
+    Write the window's manifest, every key with its row count, and return the totals.
+
+    When the window is a recorded gap, the gap is marked as backfilled in the state table.
+
+    :param range_results: Return values of the mapped :class:`BackfillRangeOperator` tasks.
+    :param window_from: Start of the window. (templated)
+    :param window_to: End of the window. (templated)
+    :param export_name: Name of the export. (templated)
+    :param table: Schema-qualified source table. (templated)
+    :param destination: ``file:///absolute/path`` or ``s3://bucket/prefix``. (templated)
+    :param postgres_conn_id: Airflow connection to the source database.
+    :param aws_conn_id: Airflow connection for an ``s3://`` destination.
+    :param state_table: Schema-qualified state table. (templated)
+    """
+
+    template_fields: Sequence[str] = (*_BackfillBase.template_fields, "window_from", "window_to", "range_results")
+    ui_color = "#fef7e0"
+
+    def __init__(self, *, range_results: Any, window_from: str, window_to: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.range_results = range_results
+        self.window_from = window_from
+        self.window_to = window_to
+
+    def execute(self, context) -> dict:
+        window = parse_window(self.window_from, self.window_to)
+        settings = _settings(self)
+        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+        results = sorted(self.range_results, key=lambda r: r["index"])
+
+        summary = write_manifest(destination, settings.name, window, results)
+        with source_connection(self.postgres_conn_id) as conn:
+            if mark_gap_backfill(conn, settings, window, {"manifest": summary["manifest"], "rows": summary["rows"]}):
+                summary["gap"] = "done"
+        self.log.info(
+            "Backfill of [%s, %s) complete: %s rows in %s objects over %s ranges; manifest %s",
+            window.start,
+            window.end,
+            summary["rows"],
+            summary["objects"],
+            summary["ranges"],
+            summary["manifest"],
+        )
+        return summary
