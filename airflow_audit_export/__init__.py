@@ -18,6 +18,7 @@ def get_provider_info() -> dict:
                 "python-modules": [
                     "airflow_audit_export.operators.anchor",
                     "airflow_audit_export.operators.xmin_export",
+                    "airflow_audit_export.operators.backfill",
                 ],
             }
         ],
