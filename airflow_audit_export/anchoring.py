@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class AnchorResult:
-    """What the anchor step did: ``created``, ``unchanged`` or ``reanchored``, and the gap it recorded."""
+    """Outcome of the anchor step: ``created``, ``unchanged`` or ``reanchored``, and the gap it recorded."""
 
     action: str
     cursor: int

@@ -2,7 +2,7 @@
 
 A range never touches the steady-state cursor. Objects are cut by row count
 from the start of each UTC day of the window and named by the window and their
-first id, so re-running a range, or the whole window with another split,
+first id. Re-running a range, or the whole window with another split, therefore
 writes the same keys with the same bytes, and a different window never
 overwrites them.
 """

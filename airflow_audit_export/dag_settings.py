@@ -10,7 +10,7 @@ DEFAULT_SCHEDULE = "*/5 * * * *"
 
 
 def default_destination() -> str:
-    """A folder under ``AIRFLOW_HOME``, the embedded default destination."""
+    """Return the embedded default destination, a folder under ``AIRFLOW_HOME``."""
     home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow")).expanduser().resolve()
     return f"file://{home / 'audit-export'}"
 

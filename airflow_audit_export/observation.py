@@ -5,8 +5,8 @@ The invariant every export relies on: for an observation whose activity read gav
 ``>= xmax`` started at or after ``floor``. A snapshot's ``xmax`` is the latest
 completed xid plus one, so such a transaction either received its xid after the
 snapshot or was still running at the snapshot. If it started before the
-activity read, it was open during that read and its ``xact_start`` was counted;
-otherwise it started after the read, so after ``floor``. Reading the snapshot
+activity read, it was open during that read and its ``xact_start`` was counted.
+Otherwise it started after the read, so after ``floor``. Reading the snapshot
 first breaks the claim, because a transaction can take an xid and commit
 between the two reads.
 
@@ -119,7 +119,7 @@ def take_observation(
 
     The floor is untrusted, and falls back to ``now - fallback_window``, when the
     role cannot see other roles' ``xact_start`` (no ``pg_read_all_stats``), or when
-    a backend holds an xid or xmin without publishing ``xact_start``, or when a
+    a backend has an xid or xmin without publishing ``xact_start``, or when a
     backend runs with ``track_activities`` off.
     """
     if not conn.autocommit:

@@ -103,7 +103,7 @@ def plan_xid_range(cursor: int, snapshot_xmin: int, max_xid_interval: int) -> Xi
     """Cap the run at ``max_xid_interval`` xids; ``hi`` never exceeds the snapshot's ``xmin``.
 
     Every xid below the snapshot's ``xmin`` is finished, so the set of rows with
-    ``xmin`` in ``[lo, hi)`` can no longer change, and a retried attempt sees the
+    ``xmin`` in ``[lo, hi)`` can no longer change, and a retried attempt reads the
     same rows.
     """
     if snapshot_xmin < cursor:

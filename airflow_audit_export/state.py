@@ -143,7 +143,7 @@ class StateStore:
     def locked(self, export_name: str, wait: timedelta) -> Iterator[None]:
         """Hold the session-level advisory lock for ``export_name``, polling for up to ``wait``.
 
-        Raises :class:`LockNotAcquired` when another session still holds it.
+        Raises :class:`LockNotAcquired` when another session still has it.
         """
         key = f"airflow_audit_export:{export_name}"
         deadline = time.monotonic() + wait.total_seconds()

@@ -81,7 +81,7 @@ def check_window_settled(conn: psycopg.Connection, settings: ExportSettings, win
     """Reject a window that lies in the future or whose end is not settled; return the largest allowed ``to``.
 
     ``to`` is settled when it is at or before a fresh observation's floor, the
-    observation is trusted (the role sees every session's ``xact_start``), and
+    observation is trusted (the role can read every session's ``xact_start``), and
     no prepared transaction exists in the database.
     """
     observation = take_observation(conn, floor_margin=settings.floor_margin, fallback_window=settings.fallback_window)

@@ -2,7 +2,7 @@
 
 An object is built in a staging file, then published whole: a local destination
 renames it into place, S3 receives it in one upload. A reader of the destination
-therefore never sees part of an object.
+therefore never reads part of an object.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def steady_state_stem(name: str, lo: int, hi: int, sequence: int) -> str:
 
 
 class Destination(Protocol):
-    """Where finished objects go; ``uri`` is also the Airflow Asset URI."""
+    """Target of finished objects; ``uri`` is also the Airflow Asset URI."""
 
     uri: str
     prefix: str

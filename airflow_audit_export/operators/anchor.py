@@ -32,9 +32,9 @@ class AnchorOperator(BaseOperator):
     :class:`~airflow_audit_export.operators.xmin_export.XminExportOperator`,
     older rows are history for a backfill. With a state row it changes nothing,
     unless ``force`` is set, the backlog is older than ``max_backlog``, or the
-    database was restored or cloned; then it moves the cursor to a fresh
-    snapshot and records the skipped window as a gap, which it logs as a
-    warning and returns.
+    database was restored or cloned. In those cases it moves the cursor to a
+    fresh snapshot and records the skipped window as a gap. The gap is logged
+    as a warning and returned.
 
     :param export_name: Name of the export: its state row, advisory lock and object key prefix. (templated)
     :param table: Schema-qualified source table, for example ``public.audit_partitioned``. (templated)
