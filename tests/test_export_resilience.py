@@ -179,7 +179,7 @@ def s3_connection(s3_server, monkeypatch):
     return S3_CONN_ID
 
 
-# -- 1. stopped before the cursor commit -----------------------------------------------------
+# -- stopped before the cursor commit -----------------------------------------------------
 
 
 def test_export_retry_before_commit(exporter_conn, connect, settings, local_destination):
@@ -211,7 +211,7 @@ def test_export_retry_before_commit(exporter_conn, connect, settings, local_dest
     assert committed.cursor_xid > anchor.cursor
 
 
-# -- 2. stopped between publishing an object and saving its position ----------------------------
+# -- stopped between publishing an object and saving its position ----------------------------
 
 
 def test_export_retry_after_publish(exporter_conn, second_database_conn, connect, settings, local_destination, tmp_path):
@@ -255,7 +255,7 @@ def test_export_retry_after_publish(exporter_conn, second_database_conn, connect
     }
 
 
-# -- 3. two runs at once, and the cursor never moving back -------------------------------------
+# -- two runs at once, and the cursor never moving back -------------------------------------
 
 
 def test_export_concurrent_run_rejected(connect, settings, local_destination):
@@ -336,7 +336,7 @@ def test_state_update_rejects_regression(exporter_conn, connect, settings, local
     assert read_cursor(connect(), settings) == before.cursor_xid
 
 
-# -- 4. a role without pg_read_all_stats -----------------------------------------------------
+# -- a role without pg_read_all_stats -----------------------------------------------------
 
 
 def test_export_without_stats_grant(connect, nostats_role, settings, local_destination):
@@ -399,7 +399,7 @@ def test_export_without_stats_grant(connect, nostats_role, settings, local_desti
     assert sorted(exported_ids(local_destination)) == sorted(ids + late_ids)
 
 
-# -- 5. a large backlog under a one-second statement_timeout -----------------------------------
+# -- a large backlog under a one-second statement_timeout -----------------------------------
 
 
 def test_export_drains_backlog_under_timeout(connect, database, settings, local_destination, caplog):
@@ -469,7 +469,7 @@ def test_export_drains_backlog_under_timeout(connect, database, settings, local_
     assert runs[-1]["rows"] == rows
 
 
-# -- 6. S3 and local destinations --------------------------------------------------------------
+# -- S3 and local destinations --------------------------------------------------------------
 
 
 def test_s3_and_local_objects_match(exporter_conn, connect, settings, local_destination, s3_server, s3_connection):
