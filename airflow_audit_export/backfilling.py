@@ -188,10 +188,11 @@ def write_manifest(destination: Destination, name: str, window: Window, range_re
         "bytes": sum(o["bytes"] for o in objects),
         "ranges": len(range_results),
     }
+    # The range count stays out of the manifest body: another split of the same window gives the same objects.
     manifest = {
         "export_name": name,
         "window": window.to_json(),
-        "totals": totals,
+        "totals": {k: v for k, v in totals.items() if k != "ranges"},
         "objects": [{"key": o["key"], "rows": o["rows"]} for o in objects],
     }
     key = manifest_key(destination.prefix, name, window)

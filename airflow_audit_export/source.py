@@ -63,11 +63,20 @@ def open_connection(postgres_conn_id: str) -> psycopg.Connection:
 
 
 def configure_connection(conn: psycopg.Connection) -> None:
-    """Put a connection in the mode every exporter statement expects."""
+    """Put a connection in the mode every exporter statement expects.
+
+    The session settings that change how ``row_to_json`` writes values are
+    pinned, so the same rows give the same bytes whatever the role's or the
+    database's defaults: timestamps in UTC, intervals in the default style,
+    and floats in their shortest exact form.
+    """
     conn.autocommit = True
     conn.prepare_threshold = None
     conn.execute("SET plan_cache_mode = force_custom_plan")
     conn.execute("SET application_name = 'airflow-audit-export'")
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute("SET IntervalStyle = 'postgres'")
+    conn.execute("SET extra_float_digits = 1")
 
 
 def describe_table(

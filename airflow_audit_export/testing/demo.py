@@ -8,7 +8,7 @@ should hold the ``.demo/`` folder, usually the repository root. The demo:
 2. creates a fresh Airflow home in ``.demo/airflow-home`` and migrates its
    metadata database;
 3. runs ``airflow dags test audit_export`` several times while a background
-   writer commits small batches, and holds one transaction open across every
+   writer commits small batches and keeps one transaction open across every
    even-numbered run;
 4. stops the writer, runs the DAG once more and checks that every row
    committed after the first anchor is in the destination exactly once, and
@@ -29,7 +29,9 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -54,10 +56,14 @@ HISTORY_DAYS = 30
 WRITER_INTERVAL_SECONDS = 0.3
 WRITER_MAX_BATCH_ROWS = 10
 HELD_TRANSACTION_ROWS = 5
+# Batches the writer commits at least before it stops, so that even --runs 1 has rows to verify.
+MIN_WRITER_BATCHES = 10
 # Upper bound for one `airflow dags test`. A failing task retries twice with 30 s
-# between attempts (the DAG's default_args), so a failed run alone takes about 90 s.
+# between attempts (the DAG's default_args), so a failed run took 88 s on a 2-core machine.
 DAG_TEST_TIMEOUT_SECONDS = 600
 LOG_TAIL_LINES = 30
+# The last line of a Python traceback, such as "airflow_audit_export.source.SourceTableError: Source table ...".
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 # Inherited variables with these prefixes could point the demo at another
 # metadata database, connection or destination, so the demo drops them.
@@ -65,7 +71,7 @@ DROPPED_ENV_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "AUDIT_EXP
 
 
 class DemoError(RuntimeError):
-    """A step of the demo failed; the message says which and where its log is."""
+    """A failed step of the demo; the message names the step and its log file."""
 
 
 def find_dags_folder() -> Path:
@@ -96,6 +102,15 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def last_exception(path: Path) -> str | None:
+    """Return the last exception line of a log, which the retry polling at its end can push out of the tail."""
+    found = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if EXCEPTION_LINE.match(line):
+            found = line
+    return found
+
+
 class BackgroundWriter:
     """Commit small batches of rows from a thread, and hold a transaction open on request.
 
@@ -117,6 +132,7 @@ class BackgroundWriter:
         self._held_rows = 0
         self.committed_rows = 0
         self.batches = 0
+        self.held_transactions = 0
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -133,6 +149,16 @@ class BackgroundWriter:
         self._held_open.clear()
         self._commit_requested.set()
         self._wait_for(self._held_committed, "commit the held transaction", timeout)
+
+    def wait_for_batches(self, count: int, timeout: float = 60) -> None:
+        """Wait until the writer has committed at least ``count`` batches."""
+        deadline = time.monotonic() + timeout
+        while self.batches < count:
+            if not self._thread.is_alive():
+                raise DemoError(f"The background writer stopped after {self.batches} batches: {self.error}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"The background writer committed {self.batches} batches in {timeout} s, not {count}.")
+            time.sleep(0.1)
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the thread after it commits any held transaction, and re-raise its error."""
@@ -185,6 +211,7 @@ class BackgroundWriter:
     def _commit_held_now(self) -> None:
         self._held_conn.commit()
         self.committed_rows += self._held_rows
+        self.held_transactions += 1
         self._held_rows = 0
         self._held_committed.set()
 
@@ -251,9 +278,11 @@ class Demo:
             )
         duration = time.monotonic() - began
         if result.returncode != 0:
+            error = last_exception(log_file)
             raise DemoError(
                 f"Run {label}: airflow dags test {DAG_ID} failed with exit code {result.returncode} "
                 f"after {duration:.1f} s. Last lines of {log_file}:\n{tail(log_file)}"
+                + (f"\nLast exception in that log: {error}" if error else "")
             )
         return self.read_last_run(), duration
 
@@ -306,6 +335,8 @@ def verify(demo: Demo, last_history_id: int) -> bool:
     unknown = sorted(exported.keys() - expected - set(history))
 
     problems = []
+    if not expected:
+        problems.append("no rows were committed after the anchor, so there was nothing to verify")
     if missing:
         problems.append(f"{len(missing)} committed rows are missing from the destination, ids {sample(missing)}")
     if duplicated:
@@ -331,8 +362,8 @@ def verify(demo: Demo, last_history_id: int) -> bool:
 
 
 def sample(ids: list[int], limit: int = 10) -> str:
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    listed = ", ".join(map(str, ids[:limit]))
+    return listed + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def run_demo(cluster: PostgresCluster, runs: int, workdir: Path) -> bool:
@@ -369,9 +400,13 @@ def run_demo(cluster: PostgresCluster, runs: int, workdir: Path) -> bool:
             print(f"Run {number}/{runs}: exported {last_run['rows']} rows, cursor {last_run['cursor']}{note} ({seconds:.1f} s)")
             if hold:
                 writer.commit_held()
+        writer.wait_for_batches(MIN_WRITER_BATCHES)
     finally:
         writer.stop()
-    print(f"Writer stopped: {writer.committed_rows} rows committed in {writer.batches} batches and held transactions")
+    print(
+        f"Writer stopped: {writer.committed_rows} rows committed in {writer.batches} batches "
+        f"and {writer.held_transactions} held transactions"
+    )
 
     last_run, seconds = demo.run_dag("final")
     print(f"Final run: exported {last_run['rows']} rows, cursor {last_run['cursor']} ({seconds:.1f} s)")
@@ -401,8 +436,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # `kill` and process supervisors send SIGTERM, which would otherwise end Python without running the cleanup.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     began = time.monotonic()
 
