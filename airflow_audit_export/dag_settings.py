@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_SCHEDULE = "*/5 * * * *"
 
 
-def default_destination() -> str:
+def default_destination(environ: Mapping[str, str] | None = None) -> str:
     """Return the embedded default destination, a folder under ``AIRFLOW_HOME``."""
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow")).expanduser().resolve()
+    env = os.environ if environ is None else environ
+    home = Path(env.get("AIRFLOW_HOME", Path.home() / "airflow")).expanduser().resolve()
     return f"file://{home / 'audit-export'}"
 
 
@@ -33,7 +35,7 @@ class DagSettings:
     backfill_max_active_ranges: int
 
     @classmethod
-    def from_environment(cls, environ: dict[str, str] | None = None) -> DagSettings:
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> DagSettings:
         env = os.environ if environ is None else environ
         schedule = env.get("AUDIT_EXPORT_SCHEDULE", DEFAULT_SCHEDULE).strip()
         return cls(
@@ -44,7 +46,7 @@ class DagSettings:
             id_column=env.get("AUDIT_EXPORT_ID_COLUMN", "id"),
             legacy_table=env.get("AUDIT_EXPORT_LEGACY_TABLE") or None,
             state_table=env.get("AUDIT_EXPORT_STATE_TABLE", "public.audit_export_state"),
-            destination=env.get("AUDIT_EXPORT_DESTINATION") or default_destination(),
+            destination=env.get("AUDIT_EXPORT_DESTINATION") or default_destination(env),
             aws_conn_id=env.get("AUDIT_EXPORT_AWS_CONN_ID", "aws_default"),
             schedule=None if schedule.lower() in ("", "none") else schedule,
             gap_policy=env.get("AUDIT_EXPORT_GAP_POLICY", "backfill").strip().lower(),

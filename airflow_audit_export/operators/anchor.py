@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_audit_export.anchoring import anchor_export
-from airflow_audit_export.operators.base import SETTINGS_FIELDS, build_settings, source_connection
+from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
 
 TRUE_STRINGS = ("true", "1", "yes", "on")
 FALSE_STRINGS = ("false", "0", "no", "off", "none", "")
@@ -84,21 +84,19 @@ class AnchorOperator(BaseOperator):
         self.tuning = tuning or {}
 
     def execute(self, context) -> dict:
-        unknown = sorted(set(self.tuning) - set(SETTINGS_FIELDS))
-        if unknown:
-            raise ValueError(f"Unknown tuning options {unknown}: valid options are {', '.join(SETTINGS_FIELDS)}.")
-        settings = build_settings(
-            self.export_name,
-            self.table,
-            {
-                **self.tuning,
-                "timestamp_column": self.timestamp_column,
-                "id_column": self.id_column,
-                "state_table": self.state_table,
-            },
-        )
-        force = parse_flag("force", self.force)
+        with fail_on_invalid_input():
+            settings = build_settings(
+                self.export_name,
+                self.table,
+                self.tuning,
+                {
+                    "timestamp_column": self.timestamp_column,
+                    "id_column": self.id_column,
+                    "state_table": self.state_table,
+                },
+            )
+            force = parse_flag("force", self.force)
 
-        with source_connection(self.postgres_conn_id) as conn:
-            result = anchor_export(conn, settings, force=force)
-        return result.to_xcom()
+            with source_connection(self.postgres_conn_id) as conn:
+                result = anchor_export(conn, settings, force=force)
+            return result.to_xcom()

@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_audit_export.backfilling import export_range, write_manifest
 from airflow_audit_export.gaps import find_gap, mark_gap_backfill
-from airflow_audit_export.operators.base import SETTINGS_FIELDS, build_settings, source_connection
+from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
 from airflow_audit_export.ranges import plan_ranges, utc
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import SourceTable, describe_source, describe_table
@@ -20,11 +20,7 @@ DEFAULT_MAX_RANGES = 64
 
 
 def _settings(operator, extra: dict | None = None) -> ExportSettings:
-    unknown = sorted(set(operator.tuning) - set(SETTINGS_FIELDS))
-    if unknown:
-        raise ValueError(f"Unknown tuning options {unknown}: valid options are {', '.join(SETTINGS_FIELDS)}.")
     options = {
-        **operator.tuning,
         "timestamp_column": operator.timestamp_column,
         "id_column": operator.id_column,
         "columns": operator.columns or None,
@@ -32,7 +28,7 @@ def _settings(operator, extra: dict | None = None) -> ExportSettings:
         "state_table": operator.state_table,
         **(extra or {}),
     }
-    return build_settings(operator.export_name, operator.table, options)
+    return build_settings(operator.export_name, operator.table, operator.tuning, options)
 
 
 def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
@@ -144,47 +140,48 @@ class BackfillWindowOperator(_BackfillBase):
         self.max_ranges = max_ranges
 
     def execute(self, context) -> list[dict]:
-        from airflow.sdk.configuration import conf
+        with fail_on_invalid_input():
+            from airflow.sdk.configuration import conf
 
-        window = parse_window(self.window_from, self.window_to)
-        settings = _settings(self, {"page_rows": self.page_rows})
-        max_map_length = conf.getint("core", "max_map_length")
-        if not isinstance(self.max_ranges, int) or self.max_ranges < 1:
-            raise ValueError(f"Invalid max_ranges {self.max_ranges!r}: expected a positive integer.")
-        max_ranges = min(self.max_ranges, max_map_length)
-        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+            window = parse_window(self.window_from, self.window_to)
+            settings = _settings(self, {"page_rows": self.page_rows})
+            max_map_length = conf.getint("core", "max_map_length")
+            if not isinstance(self.max_ranges, int) or self.max_ranges < 1:
+                raise ValueError(f"Invalid max_ranges {self.max_ranges!r}: expected a positive integer.")
+            max_ranges = min(self.max_ranges, max_map_length)
+            destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
 
-        with source_connection(self.postgres_conn_id) as conn:
-            tables = _source_tables(conn, settings)
-            gap = find_gap(conn, settings, window)
-            if gap is None:
-                largest_to = check_window_settled(conn, settings, window)
-                self.log.info("Window [%s, %s) is settled (largest allowed to: %s)", window.start, window.end, largest_to)
-            else:
-                self.log.info(
-                    "Window [%s, %s) is the gap recorded at %s (%s); the settled check is skipped because rows "
-                    "committed after the re-anchor are above the new cursor",
-                    window.start,
-                    window.end,
-                    gap.get("recorded_at"),
-                    gap.get("reason"),
-                )
-            destination.check_writable()
-            ranges = plan_ranges(conn, [table for _, table in tables], window, max_ranges)
+            with source_connection(self.postgres_conn_id) as conn:
+                tables = _source_tables(conn, settings)
+                gap = find_gap(conn, settings, window)
+                if gap is None:
+                    largest_to = check_window_settled(conn, settings, window)
+                    self.log.info("Window [%s, %s) is settled (largest allowed to: %s)", window.start, window.end, largest_to)
+                else:
+                    self.log.info(
+                        "Window [%s, %s) is the gap recorded at %s (%s); the settled check is skipped because rows "
+                        "committed after the re-anchor are above the new cursor",
+                        window.start,
+                        window.end,
+                        gap.get("recorded_at"),
+                        gap.get("reason"),
+                    )
+                destination.check_writable()
+                ranges = plan_ranges(conn, [table for _, table in tables], window, max_ranges)
 
-        self.log.info(
-            "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s)",
-            len(ranges),
-            window.start,
-            window.end,
-            sum(r.estimated_rows for r in ranges),
-            self.max_ranges,
-            max_map_length,
-        )
-        return [
-            {**r.to_json(), "window_from": window.start.isoformat(), "window_to": window.end.isoformat(), "page_rows": settings.page_rows}
-            for r in ranges
-        ]
+            self.log.info(
+                "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s)",
+                len(ranges),
+                window.start,
+                window.end,
+                sum(r.estimated_rows for r in ranges),
+                self.max_ranges,
+                max_map_length,
+            )
+            return [
+                {**r.to_json(), "window_from": window.start.isoformat(), "window_to": window.end.isoformat(), "page_rows": settings.page_rows}
+                for r in ranges
+            ]
 
 
 class BackfillRangeOperator(_BackfillBase):
@@ -215,28 +212,29 @@ class BackfillRangeOperator(_BackfillBase):
         self.export_range = export_range
 
     def execute(self, context) -> dict:
-        spec = self.export_range
-        window = Window(utc(spec["window_from"]), utc(spec["window_to"]))
-        settings = _settings(self, {"page_rows": spec["page_rows"]})
-        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
-        self.log.info("Exporting range %s of window [%s, %s)", spec["label"], window.start, window.end)
+        with fail_on_invalid_input():
+            spec = self.export_range
+            window = Window(utc(spec["window_from"]), utc(spec["window_to"]))
+            settings = _settings(self, {"page_rows": spec["page_rows"]})
+            destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+            self.log.info("Exporting range %s of window [%s, %s)", spec["label"], window.start, window.end)
 
-        with source_connection(self.postgres_conn_id) as conn:
-            tables = _source_tables(conn, settings)
-            destination.check_writable()
-            result = export_range(
-                conn,
-                tables,
-                destination,
-                name=settings.name,
-                window=window,
-                start=utc(spec["from"]),
-                end=utc(spec["to"]),
-                page_rows=settings.page_rows,
-                rows_per_object=settings.rows_per_object,
-                compression=settings.compression,
-            )
-        return {**result, "index": spec["index"], "label": spec["label"]}
+            with source_connection(self.postgres_conn_id) as conn:
+                tables = _source_tables(conn, settings)
+                destination.check_writable()
+                result = export_range(
+                    conn,
+                    tables,
+                    destination,
+                    name=settings.name,
+                    window=window,
+                    start=utc(spec["from"]),
+                    end=utc(spec["to"]),
+                    page_rows=settings.page_rows,
+                    rows_per_object=settings.rows_per_object,
+                    compression=settings.compression,
+                )
+            return {**result, "index": spec["index"], "label": spec["label"]}
 
 
 class BackfillSummaryOperator(_BackfillBase):
@@ -266,22 +264,23 @@ class BackfillSummaryOperator(_BackfillBase):
         self.window_to = window_to
 
     def execute(self, context) -> dict:
-        window = parse_window(self.window_from, self.window_to)
-        settings = _settings(self)
-        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
-        results = sorted(self.range_results, key=lambda r: r["index"])
+        with fail_on_invalid_input():
+            window = parse_window(self.window_from, self.window_to)
+            settings = _settings(self)
+            destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+            results = sorted(self.range_results, key=lambda r: r["index"])
 
-        summary = write_manifest(destination, settings.name, window, results)
-        with source_connection(self.postgres_conn_id) as conn:
-            if mark_gap_backfill(conn, settings, window, {"manifest": summary["manifest"], "rows": summary["rows"]}):
-                summary["gap"] = "done"
-        self.log.info(
-            "Backfill of [%s, %s) complete: %s rows in %s objects over %s ranges; manifest %s",
-            window.start,
-            window.end,
-            summary["rows"],
-            summary["objects"],
-            summary["ranges"],
-            summary["manifest"],
-        )
-        return summary
+            summary = write_manifest(destination, settings.name, window, results)
+            with source_connection(self.postgres_conn_id) as conn:
+                if mark_gap_backfill(conn, settings, window, {"manifest": summary["manifest"], "rows": summary["rows"]}):
+                    summary["gap"] = "done"
+            self.log.info(
+                "Backfill of [%s, %s) complete: %s rows in %s objects over %s ranges; manifest %s",
+                window.start,
+                window.end,
+                summary["rows"],
+                summary["objects"],
+                summary["ranges"],
+                summary["manifest"],
+            )
+            return summary

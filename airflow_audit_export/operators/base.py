@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
 import psycopg
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import open_connection
+from airflow_audit_export.state import StateTableError
 
 #: Operator arguments that map one to one onto :class:`ExportSettings` fields.
 SETTINGS_FIELDS = (
@@ -30,9 +33,16 @@ SETTINGS_FIELDS = (
 )
 
 
-def build_settings(export_name: str, table: str, options: dict) -> ExportSettings:
-    """Build validated settings from rendered operator arguments; ``None`` options keep their defaults."""
-    given = {k: v for k, v in options.items() if v is not None}
+def build_settings(export_name: str, table: str, tuning: dict, options: dict) -> ExportSettings:
+    """Build validated settings from rendered operator arguments; ``None`` options keep their defaults.
+
+    ``tuning`` is the operator's free-form ``tuning`` argument, checked against
+    :data:`SETTINGS_FIELDS`. ``options`` are the explicit arguments and win over it.
+    """
+    unknown = sorted(set(tuning) - set(SETTINGS_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown tuning options {unknown}: valid options are {', '.join(SETTINGS_FIELDS)}.")
+    given = {k: v for k, v in {**tuning, **options}.items() if v is not None}
     for name in ("page_rows", "rows_per_object", "max_xid_interval", "max_rows_per_run"):
         if isinstance(given.get(name), str) and given[name].strip().isdigit():
             given[name] = int(given[name])
@@ -48,3 +58,17 @@ def source_connection(postgres_conn_id: str) -> Iterator[psycopg.Connection]:
     finally:
         conn.close()
 
+
+
+@contextlib.contextmanager
+def fail_on_invalid_input() -> Iterator[None]:
+    """Turn configuration and input errors into ``AirflowFailException``, so Airflow does not retry them.
+
+    A missing table, an invalid destination or window, or a missing grant fails
+    the same way on every try. Database and network errors raise as they are
+    and get the task's retries.
+    """
+    try:
+        yield
+    except (ValueError, StateTableError) as err:
+        raise AirflowFailException(str(err)) from err

@@ -9,7 +9,7 @@ from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_audit_export.exporting import run_export
-from airflow_audit_export.operators.base import SETTINGS_FIELDS, build_settings, source_connection
+from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
 from airflow_audit_export.state import LockNotAcquired
 from airflow_audit_export.status import format_status, read_status
 from airflow_audit_export.writing import parse_destination
@@ -88,34 +88,32 @@ class XminExportOperator(BaseOperator):
         self.tuning = tuning or {}
 
     def execute(self, context) -> dict:
-        unknown = sorted(set(self.tuning) - set(SETTINGS_FIELDS))
-        if unknown:
-            raise ValueError(f"Unknown tuning options {unknown}: valid options are {', '.join(SETTINGS_FIELDS)}.")
-        settings = build_settings(
-            self.export_name,
-            self.table,
-            {
-                **self.tuning,
-                "timestamp_column": self.timestamp_column,
-                "id_column": self.id_column,
-                "columns": self.columns or None,
-                "state_table": self.state_table,
-                "compression": self.compression,
-            },
-        )
-        destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
+        with fail_on_invalid_input():
+            settings = build_settings(
+                self.export_name,
+                self.table,
+                self.tuning,
+                {
+                    "timestamp_column": self.timestamp_column,
+                    "id_column": self.id_column,
+                    "columns": self.columns or None,
+                    "state_table": self.state_table,
+                    "compression": self.compression,
+                },
+            )
+            destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
 
-        with source_connection(self.postgres_conn_id) as conn:
-            try:
-                stats = run_export(conn, settings, destination)
-            except LockNotAcquired as err:
-                self.log.warning("Skipping this run: %s", err)
-                raise AirflowSkipException(str(err)) from err
-            status = read_status(conn, settings.state_table, settings.name)
+            with source_connection(self.postgres_conn_id) as conn:
+                try:
+                    stats = run_export(conn, settings, destination)
+                except LockNotAcquired as err:
+                    self.log.warning("Skipping this run: %s", err)
+                    raise AirflowSkipException(str(err)) from err
+                status = read_status(conn, settings.state_table, settings.name)
 
-        self.log.info("Status after this run:\n%s", format_status(status))
-        self._emit_asset_event(context, destination.uri, stats)
-        return stats
+            self.log.info("Status after this run:\n%s", format_status(status))
+            self._emit_asset_event(context, destination.uri, stats)
+            return stats
 
     def _emit_asset_event(self, context, uri: str, stats: dict) -> None:
         for outlet in self.outlets:
