@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from conftest import decode_rows, exported_ids, read_local_objects
 from psycopg import sql
 
@@ -459,8 +460,9 @@ def test_plan_rejects_reversed_window(source_conn_id, tmp_path):
         ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z"),
     ]
     for window_from, window_to in cases:
-        with pytest.raises(WindowError) as caught:
+        with pytest.raises(AirflowFailException) as caught:
             plan_operator(source_conn_id, destination.uri, window_from, window_to).execute({})
+        assert isinstance(caught.value.__cause__, WindowError)
         message = str(caught.value)
         assert "2026-01-0" in message
         assert "is not before to" in message
@@ -471,9 +473,10 @@ def test_plan_rejects_reversed_window(source_conn_id, tmp_path):
 def test_plan_rejects_naive_datetime(source_conn_id, tmp_path):
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
 
-    with pytest.raises(WindowError) as caught:
+    with pytest.raises(AirflowFailException) as caught:
         plan_operator(source_conn_id, destination.uri, "2026-01-01T00:00:00", "2026-01-02T00:00:00Z").execute({})
 
+    assert isinstance(caught.value.__cause__, WindowError)
     message = str(caught.value)
     assert "'2026-01-01T00:00:00'" in message
     assert "no UTC offset" in message
@@ -486,9 +489,10 @@ def test_plan_rejects_future_window(source_conn_id, tmp_path):
     window_from = datetime.now(UTC) + timedelta(hours=1)
     window_to = window_from + timedelta(days=1)
 
-    with pytest.raises(WindowError) as caught:
+    with pytest.raises(AirflowFailException) as caught:
         plan_operator(source_conn_id, destination.uri, window_from.isoformat(), window_to.isoformat()).execute({})
 
+    assert isinstance(caught.value.__cause__, WindowError)
     message = str(caught.value)
     assert window_from.isoformat() in message
     assert "in the future" in message
@@ -507,9 +511,10 @@ def test_plan_rejects_unsettled_to(connect, exporter_conn, source_conn_id, tmp_p
     window_to = exporter_conn.execute("SELECT clock_timestamp()").fetchone()[0]
     window_from = window_to - timedelta(days=1)
 
-    with pytest.raises(WindowError) as caught:
+    with pytest.raises(AirflowFailException) as caught:
         plan_operator(source_conn_id, destination.uri, window_from.isoformat(), window_to.isoformat()).execute({})
 
+    assert isinstance(caught.value.__cause__, WindowError)
     message = str(caught.value)
     assert window_to.astimezone(UTC).isoformat() in message
     assert "not settled" in message
@@ -533,9 +538,10 @@ def test_plan_rejects_prepared_transaction(connect, source_conn_id, tmp_path):
     window_from = utc_midnight(10).isoformat()
     window_to = utc_midnight(9).isoformat()
 
-    with pytest.raises(WindowError) as caught:
+    with pytest.raises(AirflowFailException) as caught:
         plan_operator(source_conn_id, destination.uri, window_from, window_to).execute({})
 
+    assert isinstance(caught.value.__cause__, WindowError)
     message = str(caught.value)
     assert repr(gid) in message
     assert window_to in message
@@ -549,9 +555,10 @@ def test_plan_rejects_role_without_stats(monkeypatch, pg_cluster, database, conn
     window_from = utc_midnight(10).isoformat()
     window_to = utc_midnight(9).isoformat()
 
-    with pytest.raises(WindowError) as caught:
+    with pytest.raises(AirflowFailException) as caught:
         plan_operator("backfill_nostats", destination.uri, window_from, window_to).execute({})
 
+    assert isinstance(caught.value.__cause__, WindowError)
     message = str(caught.value)
     assert window_to in message
     assert f"GRANT pg_read_all_stats TO {nostats_role};" in message

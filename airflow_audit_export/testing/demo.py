@@ -12,7 +12,10 @@ should hold the ``.demo/`` folder, usually the repository root. The demo:
    even-numbered run;
 4. stops the writer, runs the DAG once more and checks that every row
    committed after the first anchor is in the destination exactly once, and
-   that no history row was exported.
+   that no history row was exported;
+5. backfills the history before the anchor with ``airflow dags test
+   audit_backfill``, prints the summary from its manifest and checks that
+   every history row is in the backfill objects exactly once.
 
 The DAG runs with its embedded defaults, so the objects land in
 ``$AIRFLOW_HOME/audit-export``. The cluster is removed on exit unless
@@ -47,6 +50,7 @@ from airflow_audit_export.testing.schema import PARTITIONED_TABLE, create_refere
 
 DATABASE = "audit_demo"
 DAG_ID = "audit_export"
+BACKFILL_DAG_ID = "audit_backfill"
 # The DAG's defaults for AUDIT_EXPORT_NAME and AUDIT_EXPORT_STATE_TABLE, which the demo leaves unset.
 EXPORT_NAME = "audit"
 STATE_TABLE = "public.audit_export_state"
@@ -265,26 +269,33 @@ class Demo:
 
     def run_dag(self, label: str) -> tuple[dict, float]:
         """Run ``airflow dags test`` once; return the export's ``last_run`` and the run's duration in seconds."""
+        self.test_dag(DAG_ID, label)
+        return self.read_last_run(), self.last_duration
+
+    def test_dag(self, dag_id: str, label: str, conf: dict | None = None) -> None:
+        """Run ``airflow dags test`` for ``dag_id``; raise :class:`DemoError` with the log tail when it fails."""
         log_file = self.logs / f"dags-test-{label}.log"
+        command = [self.airflow, "dags", "test", dag_id]
+        if conf is not None:
+            command += ["-c", json.dumps(conf)]
         began = time.monotonic()
         with open(log_file, "w", encoding="utf-8") as output:
             result = subprocess.run(
-                [self.airflow, "dags", "test", DAG_ID],
+                command,
                 env=self.env,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 timeout=DAG_TEST_TIMEOUT_SECONDS,
                 check=False,
             )
-        duration = time.monotonic() - began
+        self.last_duration = time.monotonic() - began
         if result.returncode != 0:
             error = last_exception(log_file)
             raise DemoError(
-                f"Run {label}: airflow dags test {DAG_ID} failed with exit code {result.returncode} "
-                f"after {duration:.1f} s. Last lines of {log_file}:\n{tail(log_file)}"
+                f"Run {label}: airflow dags test {dag_id} failed with exit code {result.returncode} "
+                f"after {self.last_duration:.1f} s. Last lines of {log_file}:\n{tail(log_file)}"
                 + (f"\nLast exception in that log: {error}" if error else "")
             )
-        return self.read_last_run(), duration
 
     def read_last_run(self) -> dict:
         with self.cluster.connect(DATABASE) as conn:
@@ -299,15 +310,15 @@ class Demo:
         with self.cluster.connect(DATABASE) as conn:
             return read_status(conn, STATE_TABLE, EXPORT_NAME)
 
-    def read_exported(self) -> tuple[collections.Counter, int, int]:
-        """Return the exported ids with their counts, the number of objects and their total size in bytes."""
+    def read_exported(self, kind: str = "_xmin_") -> tuple[collections.Counter, int, int]:
+        """Return the ids in objects whose name contains ``kind``, with counts, the object count and total bytes."""
         ids: collections.Counter = collections.Counter()
         objects = 0
         size = 0
         if not self.destination.is_dir():
             return ids, objects, size
         for path in sorted(self.destination.rglob("*.ndjson*")):
-            if ".staging" in path.relative_to(self.destination).parts:
+            if ".staging" in path.relative_to(self.destination).parts or kind not in path.name:
                 continue
             data = path.read_bytes()
             objects += 1
@@ -318,6 +329,17 @@ class Demo:
                 if line:
                     ids[json.loads(line)["id"]] += 1
         return ids, objects, size
+
+    def read_anchored_at(self) -> datetime:
+        with self.cluster.connect(DATABASE) as conn:
+            return conn.execute(
+                f"SELECT anchored_at FROM {STATE_TABLE} WHERE export_name = %s", (EXPORT_NAME,)
+            ).fetchone()[0]
+
+    def read_ids_up_to(self, last_history_id: int) -> set[int]:
+        with self.cluster.connect(DATABASE) as conn:
+            rows = conn.execute(f"SELECT id FROM {PARTITIONED_TABLE} WHERE id <= %s", (last_history_id,))
+            return {row[0] for row in rows}
 
     def read_ids_after(self, last_history_id: int) -> set[int]:
         with self.cluster.connect(DATABASE) as conn:
@@ -358,6 +380,35 @@ def verify(demo: Demo, last_history_id: int) -> bool:
         f"Verified: all {len(expected)} rows committed after the anchor are in the destination exactly once, "
         f"and none of the {HISTORY_ROWS} history rows."
     )
+    return True
+
+
+def backfill_history(demo: Demo, last_history_id: int) -> bool:
+    """Backfill the history before the anchor through ``audit_backfill``; check every history row arrives once."""
+    anchored_at = demo.read_anchored_at()
+    window_from = (anchored_at - timedelta(days=HISTORY_DAYS + 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    conf = {"from": window_from.isoformat(), "to": anchored_at.isoformat()}
+    demo.test_dag(BACKFILL_DAG_ID, "backfill", conf)
+    print(f"Backfill of [{conf['from']}, {conf['to']}) done in {demo.last_duration:.1f} s")
+
+    manifests = sorted((demo.destination / "manifests").glob("*.json"))
+    if not manifests:
+        print(f"FAILED: the backfill wrote no manifest under {demo.destination / 'manifests'}")
+        return False
+    totals = json.loads(manifests[-1].read_text(encoding="utf-8"))["totals"]
+    print(
+        f"Backfill summary: {totals['rows']} rows in {totals['objects']} objects, {totals['bytes']} bytes; "
+        f"manifest {manifests[-1]}"
+    )
+
+    expected = demo.read_ids_up_to(last_history_id)
+    exported, _, _ = demo.read_exported("_backfill_")
+    missing = sorted(expected - exported.keys())
+    duplicated = sorted(row_id for row_id, count in exported.items() if count > 1)
+    if missing or duplicated:
+        print(f"FAILED: backfill missed ids {sample(missing)} and duplicated ids {sample(duplicated)}")
+        return False
+    print(f"Verified: all {len(expected)} history rows are in the backfill objects exactly once.")
     return True
 
 
@@ -410,7 +461,9 @@ def run_demo(cluster: PostgresCluster, runs: int, workdir: Path) -> bool:
 
     last_run, seconds = demo.run_dag("final")
     print(f"Final run: exported {last_run['rows']} rows, cursor {last_run['cursor']} ({seconds:.1f} s)")
-    return verify(demo, last_history_id)
+    if not verify(demo, last_history_id):
+        return False
+    return backfill_history(demo, last_history_id)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
