@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test test-full demo clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-full: install
+	$(BIN)/python -m pytest tests/full -o addopts="" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python -m airflow_audit_export.testing.demo

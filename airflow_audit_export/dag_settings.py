@@ -33,6 +33,7 @@ class DagSettings:
     schedule: str | None
     gap_policy: str
     backfill_max_active_ranges: int
+    max_backlog_seconds: int | None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> DagSettings:
@@ -51,7 +52,12 @@ class DagSettings:
             schedule=None if schedule.lower() in ("", "none") else schedule,
             gap_policy=env.get("AUDIT_EXPORT_GAP_POLICY", "backfill").strip().lower(),
             backfill_max_active_ranges=_positive_int(env, "AUDIT_BACKFILL_MAX_ACTIVE_RANGES", 4),
+            max_backlog_seconds=_positive_int(env, "AUDIT_EXPORT_MAX_BACKLOG_SECONDS", None),
         )
+
+    def anchor_tuning(self) -> dict:
+        """Tuning options of the anchor task that the environment overrides."""
+        return {} if self.max_backlog_seconds is None else {"max_backlog": self.max_backlog_seconds}
 
     def source_arguments(self) -> dict:
         """Operator arguments that name the source, the destination and the connections."""
@@ -67,7 +73,7 @@ class DagSettings:
         }
 
 
-def _positive_int(env, name: str, default: int) -> int:
+def _positive_int(env, name: str, default: int | None) -> int | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default

@@ -39,6 +39,7 @@ with DAG(
     anchor = AnchorOperator(
         task_id="anchor",
         force="{{ params.reanchor }}",
+        tuning=config.anchor_tuning(),
         **{k: v for k, v in source.items() if k not in ("destination", "aws_conn_id")},
     )
     export = XminExportOperator(task_id="export", **source)

@@ -6,8 +6,6 @@ see each other's rows, xids in flight or state rows.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import tempfile
 import uuid
@@ -28,7 +26,11 @@ from airflow_audit_export.settings import ExportSettings  # noqa: E402
 from airflow_audit_export.source import configure_connection  # noqa: E402
 from airflow_audit_export.testing.pgcluster import PostgresCluster  # noqa: E402
 from airflow_audit_export.testing.s3server import S3Server  # noqa: E402
-from airflow_audit_export.testing.schema import create_reference_schema  # noqa: E402
+from airflow_audit_export.testing.schema import (  # noqa: E402
+    EXPORT_ROLE,
+    apply_export_role,
+    create_reference_schema,
+)
 from airflow_audit_export.writing import LocalDestination, parse_destination  # noqa: E402
 
 
@@ -48,12 +50,16 @@ def s3_server():
 
 @pytest.fixture
 def database(pg_cluster):
-    """A fresh database with the reference schema: daily partitions from 40 days ago to 3 days ahead."""
+    """A fresh database with the reference schema (daily partitions from 40 days ago to 3 days ahead).
+
+    The shipped least-privilege script has run in it, so exports can run as ``audit_exporter``.
+    """
     name = f"t_{uuid.uuid4().hex[:12]}"
     pg_cluster.create_database(name)
     today = datetime.now(timezone.utc).date()
     with pg_cluster.connect(name) as conn:
         create_reference_schema(conn, first_day=today - timedelta(days=40), last_day=today + timedelta(days=3))
+        apply_export_role(conn)
     yield name
     with pg_cluster.connect() as admin:
         admin.execute(
@@ -83,8 +89,8 @@ def connect(pg_cluster, database):
 
 @pytest.fixture
 def exporter_conn(connect):
-    """The exporter's own connection, configured as the operators configure it."""
-    conn = connect()
+    """The exporter's own connection as the least-privilege role, configured as the operators configure it."""
+    conn = connect(EXPORT_ROLE)
     configure_connection(conn)
     return conn
 
@@ -104,30 +110,3 @@ def settings():
 @pytest.fixture
 def local_destination(tmp_path) -> LocalDestination:
     return parse_destination(f"file://{tmp_path / 'bucket'}")
-
-
-def read_local_objects(destination: LocalDestination) -> dict[str, bytes]:
-    """Return every published object under a local destination, keyed by its relative key."""
-    objects = {}
-    for path in sorted(destination.root.rglob("*.ndjson*")):
-        relative = path.relative_to(destination.root)
-        if relative.parts[0] == ".staging":
-            continue
-        objects[str(relative)] = path.read_bytes()
-    return objects
-
-
-def decode_rows(objects: dict[str, bytes]) -> list[dict]:
-    """Decode NDJSON rows of every object (gzip or plain), in key order."""
-    rows = []
-    for key in sorted(objects):
-        data = objects[key]
-        if key.endswith(".gz"):
-            data = gzip.decompress(data)
-        rows.extend(json.loads(line) for line in data.decode("utf-8").splitlines() if line)
-    return rows
-
-
-def exported_ids(destination: LocalDestination) -> list[int]:
-    """Return the ids of every exported row, with repeats, so callers can check exactly-once."""
-    return [row["id"] for row in decode_rows(read_local_objects(destination))]

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
-from conftest import decode_rows, exported_ids, read_local_objects
+from airflow_audit_export.testing.objects import decode_rows, exported_ids, read_local_objects
 from psycopg import sql
 
 from airflow_audit_export.anchoring import anchor_export
@@ -37,7 +37,7 @@ from airflow_audit_export.operators.backfill import (
 from airflow_audit_export.ranges import PageRange, plan_ranges
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import SourceTable, configure_connection, describe_source, describe_table
-from airflow_audit_export.testing.schema import insert_rows
+from airflow_audit_export.testing.schema import EXPORT_ROLE, insert_rows
 from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_window
 from airflow_audit_export.writing import LocalDestination, parse_destination
 
@@ -68,7 +68,7 @@ def backfill_airflow_db() -> Path:
 @pytest.fixture
 def source_conn_id(monkeypatch, pg_cluster, database) -> str:
     """An Airflow connection to the test database, defined through ``AIRFLOW_CONN_<ID>``."""
-    monkeypatch.setenv(f"AIRFLOW_CONN_{SOURCE_CONN_ID.upper()}", pg_cluster.uri(database))
+    monkeypatch.setenv(f"AIRFLOW_CONN_{SOURCE_CONN_ID.upper()}", pg_cluster.uri(database, user=EXPORT_ROLE))
     return SOURCE_CONN_ID
 
 
@@ -89,6 +89,7 @@ def nostats_role(connect):
     admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
     admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
     admin.execute(sql.SQL("GRANT SELECT ON public.audit_partitioned, public.audit TO {}").format(role))
+    admin.execute(sql.SQL("GRANT SELECT ON public.audit_export_state TO {}").format(role))
     yield NOSTATS_ROLE
     admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (NOSTATS_ROLE,))
     admin.execute(sql.SQL("DROP OWNED BY {}").format(role))
@@ -649,6 +650,7 @@ def test_backfill_uuid_unpartitioned(connect, exporter_conn, tmp_path):
         "DEFAULT now(), payload text)"
     )
     writer.execute('CREATE INDEX events_timestamp_idx ON events ("timestamp")')
+    writer.execute("GRANT SELECT ON events TO audit_exporter")
     start = utc_midnight(6)
     end = start + timedelta(days=2)
     insert = 'INSERT INTO events ("timestamp", payload) SELECT ts, %s FROM unnest(%s::timestamptz[]) AS u(ts) RETURNING id::text'
@@ -770,7 +772,7 @@ def test_gap_backfill_dag(backfill_airflow_db, pg_cluster, database, connect, ex
 
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
     conf = gap_backfill_conf(reanchor.to_xcom(), "backfill")
-    result = dags_test("audit_backfill", conf, database_uri=pg_cluster.uri(database), destination_uri=destination.uri)
+    result = dags_test("audit_backfill", conf, database_uri=pg_cluster.uri(database, user=EXPORT_ROLE), destination_uri=destination.uri)
 
     assert "the settled check is skipped" in result.stdout + result.stderr
     ids = exported_ids(destination)
@@ -789,7 +791,7 @@ def test_reanchor_dag_triggers_backfill(backfill_airflow_db, pg_cluster, databas
     insert_rows(connect(), 3)
     destination_uri = f"file://{tmp_path / 'bucket'}"
 
-    dags_test("audit_export", {"reanchor": True}, database_uri=pg_cluster.uri(database), destination_uri=destination_uri)
+    dags_test("audit_export", {"reanchor": True}, database_uri=pg_cluster.uri(database, user=EXPORT_ROLE), destination_uri=destination_uri)
 
     gaps = exporter_conn.execute("SELECT gaps FROM audit_export_state WHERE export_name = 'audit'").fetchone()[0]
     assert len(gaps) == 1
@@ -818,7 +820,7 @@ def test_backfill_dag_range_labels(backfill_airflow_db, pg_cluster, database, co
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
     conf = {"from": start.isoformat(), "to": window.end.isoformat(), "page_rows": 50}
 
-    dags_test("audit_backfill", conf, database_uri=pg_cluster.uri(database), destination_uri=destination.uri)
+    dags_test("audit_backfill", conf, database_uri=pg_cluster.uri(database, user=EXPORT_ROLE), destination_uri=destination.uri)
 
     ids = exported_ids(destination)
     assert repeated(ids) == []

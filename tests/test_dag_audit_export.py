@@ -18,9 +18,9 @@ import pytest
 
 from airflow_audit_export.anchoring import anchor_export
 from airflow_audit_export.settings import ExportSettings
-from airflow_audit_export.testing.schema import insert_rows
+from airflow_audit_export.testing.schema import EXPORT_ROLE, insert_rows
 from airflow_audit_export.writing import parse_destination
-from conftest import exported_ids
+from airflow_audit_export.testing.objects import exported_ids
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAG_ID = "audit_export"
@@ -79,7 +79,7 @@ def run_dag(airflow_env, pg_cluster, database, destination_uri):
             [AIRFLOW, "dags", "test", DAG_ID, *args],
             env={
                 **airflow_env,
-                "AIRFLOW_CONN_AUDIT_DB": pg_cluster.uri(database),
+                "AIRFLOW_CONN_AUDIT_DB": pg_cluster.uri(database, user=EXPORT_ROLE),
                 "AUDIT_EXPORT_DESTINATION": destination_uri,
                 **env,
             },

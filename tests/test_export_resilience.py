@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
-from conftest import decode_rows, exported_ids, read_local_objects
+from airflow_audit_export.testing.objects import decode_rows, exported_ids, read_local_objects
 from psycopg import sql
 
 from airflow_audit_export.anchoring import anchor_export
@@ -166,6 +166,7 @@ def nostats_role(connect):
     admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
     admin.execute(sql.SQL("GRANT SELECT ON public.audit_partitioned, public.audit TO {}").format(role))
     admin.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(role))
+    admin.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON public.audit_export_state TO {}").format(role))
     yield NOSTATS_ROLE
     admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (NOSTATS_ROLE,))
     admin.execute(sql.SQL("DROP OWNED BY {}").format(role))
@@ -477,6 +478,8 @@ def test_s3_and_local_objects_match(exporter_conn, connect, settings, local_dest
     s3_server.create_bucket(bucket)
     s3_destination = parse_destination(f"s3://{bucket}/{S3_PREFIX}", aws_conn_id=s3_connection)
     s3_settings = with_settings(settings, state_table="public.state_s3")
+    # A second state table needs CREATE, which the least-privilege role lacks by design.
+    connect().execute("GRANT CREATE ON SCHEMA public TO audit_exporter")
 
     # Keys carry the xid range [lo, hi). An open transaction holding an xid keeps
     # the snapshot xmin, and so the planned lo and hi, the same for both exports

@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timedelta
 
 import psycopg
-from conftest import exported_ids
+from airflow_audit_export.testing.objects import exported_ids
 
 from airflow_audit_export import exporting
 from airflow_audit_export.anchoring import anchor_export

@@ -46,7 +46,14 @@ import psycopg
 
 from airflow_audit_export.status import read_status
 from airflow_audit_export.testing.pgcluster import PostgresCluster
-from airflow_audit_export.testing.schema import PARTITIONED_TABLE, create_reference_schema, generate_history, insert_rows
+from airflow_audit_export.testing.schema import (
+    EXPORT_ROLE,
+    PARTITIONED_TABLE,
+    apply_export_role,
+    create_reference_schema,
+    generate_history,
+    insert_rows,
+)
 
 DATABASE = "audit_demo"
 DAG_ID = "audit_export"
@@ -235,7 +242,7 @@ class Demo:
             AIRFLOW_HOME=str(home.resolve()),
             AIRFLOW__CORE__LOAD_EXAMPLES="False",
             AIRFLOW__CORE__DAGS_FOLDER=str(dags),
-            AIRFLOW_CONN_AUDIT_DB=cluster.uri(DATABASE),
+            AIRFLOW_CONN_AUDIT_DB=cluster.uri(DATABASE, user=EXPORT_ROLE),
         )
 
     def prepare_database(self) -> int:
@@ -245,6 +252,7 @@ class Demo:
         with self.cluster.connect(DATABASE) as conn:
             create_reference_schema(conn, first_day=today - timedelta(days=40), last_day=today + timedelta(days=3))
             generate_history(conn, HISTORY_ROWS, days=HISTORY_DAYS, end=datetime.now(timezone.utc))
+            apply_export_role(conn)
             return conn.execute(f"SELECT coalesce(max(id), 0) FROM {PARTITIONED_TABLE}").fetchone()[0]
 
     def migrate(self) -> float:

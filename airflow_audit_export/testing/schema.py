@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import date, datetime, timedelta, timezone
+from importlib import resources
 
 import psycopg
 from psycopg import sql
@@ -394,3 +395,18 @@ def _insert_evenly(
         log.info("Inserted rows %s to %s of %s into %s.%s", first, last, rows, schema, table)
 
     log.info("Inserted %s rows into %s.%s in %.1f s", rows, schema, table, time.monotonic() - began)
+
+
+#: Login role that ``airflow_audit_export/sql/export_role.sql`` creates.
+EXPORT_ROLE = "audit_exporter"
+
+
+def apply_export_role(conn: psycopg.Connection) -> str:
+    """Run the shipped least-privilege script in the connected database and return the role name.
+
+    The script grants on the reference schema's table names, so create that
+    schema first.
+    """
+    script = resources.files("airflow_audit_export").joinpath("sql/export_role.sql").read_text(encoding="utf-8")
+    conn.execute(script)
+    return EXPORT_ROLE
