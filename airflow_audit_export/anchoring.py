@@ -190,7 +190,7 @@ def _reanchor(
         gaps=[*state.gaps, gap],
     )
     if history_changed:
-        store.update(settings.name, cursor_xid=new_cursor, **fields)
+        store.update(settings.name, cursor_xid=new_cursor, key_epoch=state.key_epoch + 1, **fields)
     else:
         store.update(settings.name, new_cursor=new_cursor, **fields)
 

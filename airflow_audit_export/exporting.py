@@ -123,6 +123,7 @@ def _plan(conn: psycopg.Connection, store: StateStore, settings: ExportSettings,
         "page_rows": settings.page_rows,
         "rows_per_object": settings.rows_per_object,
         "compression": settings.compression,
+        "key_epoch": state.key_epoch,
         "position": None,
         "sequence": 0,
         "rows": 0,
@@ -205,7 +206,7 @@ def _publish(
     key = object_key(
         destination.prefix,
         day,
-        steady_state_stem(settings.name, pending["lo"], pending["hi"], sequence),
+        steady_state_stem(settings.name, pending["lo"], pending["hi"], sequence, pending.get("key_epoch", 0)),
         pending["compression"],
     )
     size = staged.finish()

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     anchored_at timestamptz NOT NULL,
     system_identifier text,
     last_seen_xid bigint NOT NULL,
+    key_epoch integer NOT NULL DEFAULT 0,
     floor_history jsonb NOT NULL DEFAULT '[]',
     pending jsonb,
     gaps jsonb NOT NULL DEFAULT '[]',
@@ -56,6 +57,7 @@ STATE_COLUMNS = (
     "anchored_at",
     "system_identifier",
     "last_seen_xid",
+    "key_epoch",
     "floor_history",
     "pending",
     "gaps",
@@ -84,6 +86,9 @@ class ExportState:
     ``exported_through`` is a time before which every committed row is exported
     (or was history at the anchor). ``floor_history`` keeps observations whose
     ``xmax`` is above the cursor, ready to raise the floor once the cursor passes them.
+    ``key_epoch`` counts re-anchors onto another xid history (a restore or a
+    copy into another cluster). It is part of steady-state object keys, so the
+    new history's xid ranges never overwrite the old history's objects.
     """
 
     export_name: str
@@ -96,6 +101,7 @@ class ExportState:
     anchored_at: datetime
     system_identifier: str | None
     last_seen_xid: int
+    key_epoch: int = 0
     floor_history: list[dict] = dataclasses.field(default_factory=list)
     pending: dict | None = None
     gaps: list[dict] = dataclasses.field(default_factory=list)

@@ -38,9 +38,14 @@ def object_key(prefix: str, day: date, stem: str, compression: str) -> str:
     return "/".join(parts)
 
 
-def steady_state_stem(name: str, lo: int, hi: int, sequence: int) -> str:
-    """Name a steady-state object by its xid range ``[lo, hi)`` and its sequence number in that range."""
-    return f"{name}_xmin_{lo}-{hi}_{sequence:06d}"
+def steady_state_stem(name: str, lo: int, hi: int, sequence: int, epoch: int = 0) -> str:
+    """Name a steady-state object by its xid range ``[lo, hi)`` and its sequence number in that range.
+
+    A non-zero ``epoch`` (the state's ``key_epoch``) marks objects written after a
+    re-anchor onto another xid history, whose xid ranges may repeat older ones.
+    """
+    epoch_part = f"e{epoch}_" if epoch else ""
+    return f"{name}_xmin_{epoch_part}{lo}-{hi}_{sequence:06d}"
 
 
 class Destination(Protocol):

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS public.audit_export_state (
     anchored_at timestamptz NOT NULL,
     system_identifier text,
     last_seen_xid bigint NOT NULL,
+    key_epoch integer NOT NULL DEFAULT 0,
     floor_history jsonb NOT NULL DEFAULT '[]',
     pending jsonb,
     gaps jsonb NOT NULL DEFAULT '[]',
