@@ -121,6 +121,8 @@ def _reanchor_reason(
     force: bool,
 ) -> tuple[str | None, bool]:
     """Return why the export must re-anchor (or ``None``), and whether the xid history changed."""
+    # NOTE: a physical restore of a base backup brings the state row back with the data,
+    # so neither history check below fires and the restored cursor is used as it is.
     if system_identifier and state.system_identifier and system_identifier != state.system_identifier:
         return (
             f"the database's system_identifier changed from {state.system_identifier} to {system_identifier} "
