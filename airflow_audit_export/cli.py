@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--state-table",
         default=os.environ.get("AUDIT_EXPORT_STATE_TABLE", "public.audit_export_state"),
-        help="schema-qualified state table (default: public.audit_export_state)",
+        help="schema-qualified state table (default: $AUDIT_EXPORT_STATE_TABLE or public.audit_export_state)",
     )
     status.add_argument("--name", help="export name; every export in the state table when omitted")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -47,7 +47,7 @@ class DagSettings:
             id_column=env.get("AUDIT_EXPORT_ID_COLUMN", "id"),
             legacy_table=env.get("AUDIT_EXPORT_LEGACY_TABLE") or None,
             state_table=env.get("AUDIT_EXPORT_STATE_TABLE", "public.audit_export_state"),
-            destination=env.get("AUDIT_EXPORT_DESTINATION") or default_destination(env),
+            destination=_destination(env),
             aws_conn_id=env.get("AUDIT_EXPORT_AWS_CONN_ID", "aws_default"),
             schedule=None if schedule.lower() in ("", "none") else schedule,
             gap_policy=env.get("AUDIT_EXPORT_GAP_POLICY", "backfill").strip().lower(),
@@ -80,3 +80,15 @@ def _positive_int(env, name: str, default: int | None) -> int | None:
     if not raw.strip().isdigit() or int(raw) < 1:
         raise ValueError(f"Invalid {name} {raw!r}: expected a positive integer.")
     return int(raw)
+
+
+def _destination(env: Mapping[str, str]) -> str:
+    """Read ``AUDIT_EXPORT_DESTINATION`` and reject an invalid URI when the DAG file is parsed."""
+    from airflow_audit_export.writing import DestinationError, parse_destination
+
+    value = env.get("AUDIT_EXPORT_DESTINATION") or default_destination(env)
+    try:
+        parse_destination(value)
+    except DestinationError as err:
+        raise ValueError(f"AUDIT_EXPORT_DESTINATION: {err}") from err
+    return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 #: Called with an event name and its details at each step of a run. An exception raised
 #: by the callback stops the run there, as a crash would.
 ProgressCallback = Callable[[str, dict], None]
+
+
+#: An open transaction older than this is named in a warning, because it holds the cursor and the floor back.
+LONG_TRANSACTION = timedelta(minutes=5)
 
 
 class StaleCursorError(RuntimeError):
@@ -130,8 +134,25 @@ def _plan(conn: psycopg.Connection, store: StateStore, settings: ExportSettings,
         "bytes": 0,
         "keys": [],
         "planned_at": observation.taken_at.isoformat(),
+        "observation_trusted": observation.trusted,
+        "observation_untrusted_reason": observation.untrusted_reason,
     }
     store.update(settings.name, floor_history=history, pending=pending)
+    if not observation.trusted:
+        log.warning(
+            "Export %s: this run's observation is untrusted (%s), so the floor stops advancing and every run "
+            "scans further back until that is fixed",
+            settings.name,
+            observation.untrusted_reason,
+        )
+    oldest = observation.describe_oldest_transaction()
+    if oldest and observation.taken_at - observation.oldest_transaction_start() > LONG_TRANSACTION:
+        log.warning(
+            "Export %s: the oldest open transaction is %s; rows committed after it started wait until it ends, "
+            "and the floor stays at its start",
+            settings.name,
+            oldest,
+        )
     log.info(
         "Export %s: planned xid range [%s, %s) of %s xids, floor %s, snapshot xmin %s%s",
         settings.name,
@@ -258,6 +279,8 @@ def _run_stats(pending: dict, reader: XminRangeReader, started: float) -> dict:
         "bytes": pending["bytes"],
         "floor": pending["floor"],
         "floor_trusted": pending["floor_trusted"],
+        "observation_trusted": pending.get("observation_trusted", True),
+        "observation_untrusted_reason": pending.get("observation_untrusted_reason"),
         "statements": reader.statements,
         "slowest_statement_seconds": round(reader.slowest_statement, 4),
         "duration_seconds": round(time.monotonic() - started, 3),

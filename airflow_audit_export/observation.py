@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 STATS_GRANT_HINT = "GRANT pg_read_all_stats TO {role};"
 
 ACTIVITY_QUERY = """
+WITH a AS (
+    SELECT pid, usename, state, xact_start, backend_xid, backend_xmin
+    FROM pg_stat_activity
+    WHERE datname = current_database()
+      AND pid <> pg_backend_pid()
+      AND backend_type IS DISTINCT FROM 'autovacuum worker'
+)
 SELECT
     clock_timestamp() AS read_at,
     min(a.xact_start) AS oldest_xact_start,
@@ -41,11 +48,15 @@ SELECT
         WHERE a.xact_start IS NULL AND (a.backend_xid IS NOT NULL OR a.backend_xmin IS NOT NULL)
     ) AS backends_without_start,
     count(*) FILTER (WHERE a.state = 'disabled') AS backends_untracked,
-    pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS can_read_stats
-FROM pg_stat_activity a
-WHERE a.datname = current_database()
-  AND a.pid <> pg_backend_pid()
-  AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
+    pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS can_read_stats,
+    (
+        SELECT json_build_object('pid', o.pid, 'user', o.usename, 'state', o.state, 'xact_start', o.xact_start)
+        FROM a AS o
+        WHERE o.xact_start IS NOT NULL
+        ORDER BY o.xact_start
+        LIMIT 1
+    ) AS oldest_transaction
+FROM a
 """
 
 SNAPSHOT_QUERY = """
@@ -94,6 +105,23 @@ class Observation:
     xmax: int
     taken_at: datetime
     prepared: tuple[PreparedTransaction, ...]
+    oldest_transaction: dict | None = None
+
+    def oldest_transaction_start(self) -> datetime | None:
+        """Return the ``xact_start`` of the oldest open transaction, or ``None`` when none is open."""
+        if not self.oldest_transaction:
+            return None
+        return datetime.fromisoformat(self.oldest_transaction["xact_start"])
+
+    def describe_oldest_transaction(self) -> str | None:
+        """Describe the oldest open transaction for log lines and messages, without its query text."""
+        oldest = self.oldest_transaction
+        if not oldest:
+            return None
+        return (
+            f"backend pid {oldest['pid']} (user {oldest['user']}, {oldest['state']}) "
+            f"open since {oldest['xact_start']}"
+        )
 
     def to_history_entry(self) -> dict:
         """Serialize the parts the floor history keeps."""
@@ -126,7 +154,7 @@ def take_observation(
         raise RuntimeError("take_observation needs an autocommit connection: the two reads must be two transactions.")
 
     activity = conn.execute(ACTIVITY_QUERY).fetchone()
-    read_at, oldest_xact_start, without_start, untracked, can_read_stats = activity
+    read_at, oldest_xact_start, without_start, untracked, can_read_stats, oldest_transaction = activity
 
     prepared = tuple(PreparedTransaction(*row) for row in conn.execute(PREPARED_QUERY).fetchall())
     snapshot_xmin, snapshot_xmax, taken_at = conn.execute(SNAPSHOT_QUERY).fetchone()
@@ -157,6 +185,7 @@ def take_observation(
         xmax=xmax,
         taken_at=taken_at,
         prepared=prepared,
+        oldest_transaction=oldest_transaction,
     )
 
 

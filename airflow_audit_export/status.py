@@ -69,6 +69,9 @@ def format_status(status: dict) -> str:
     ]
     if status["floor_fix"]:
         lines.append(("floor fix", status["floor_fix"]))
+    last = status["last_run"] or {}
+    if last.get("observation_trusted") is False:
+        lines.append(("latest observation", f"untrusted, so the floor stops advancing ({last.get('observation_untrusted_reason')})"))
     lines += [
         ("lag", f"{status['lag_xids']} xids, {status['lag_seconds']:.1f} s (exported through {status['exported_through']})"),
         ("draining", "yes" if status["draining"] else "no"),

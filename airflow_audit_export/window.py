@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from airflow_audit_export.observation import STATS_GRANT_HINT, take_observation
+from airflow_audit_export.observation import take_observation
 from airflow_audit_export.settings import ExportSettings
 
 
@@ -91,10 +91,9 @@ def check_window_settled(conn: psycopg.Connection, settings: ExportSettings, win
             f"{observation.taken_at.isoformat()}); rows after now are exported by the scheduled audit_export DAG."
         )
     if not observation.trusted:
-        fix = STATS_GRANT_HINT.format(role=conn.info.user)
         raise WindowError(
             f"Cannot prove that to {window.end.isoformat()} is settled: {observation.untrusted_reason}. "
-            f"Run {fix} and trigger the backfill again."
+            "Then trigger the backfill again."
         )
     if observation.prepared:
         blocking = ", ".join(f"{p.gid!r} (prepared {p.prepared.isoformat()} by {p.owner})" for p in observation.prepared)
@@ -103,9 +102,14 @@ def check_window_settled(conn: psycopg.Connection, settings: ExportSettings, win
             "commit older rows. COMMIT PREPARED or ROLLBACK PREPARED them, then trigger the backfill again."
         )
     if window.end > observation.floor:
+        blocker = observation.describe_oldest_transaction()
+        if blocker:
+            cause = f"the oldest open transaction, {blocker}, may still commit rows stamped before it"
+        else:
+            cause = "transactions that start now may stamp rows up to floor_margin earlier"
         raise WindowError(
-            f"Invalid to {window.end.isoformat()}: it is not settled yet, because transactions open since "
-            f"{(observation.floor + settings.floor_margin).isoformat()} may still commit rows stamped before it. "
-            f"The largest allowed to is {observation.floor.isoformat()}."
+            f"Invalid to {window.end.isoformat()}: it is not settled yet, because {cause}. The largest allowed "
+            f"to is {observation.floor.isoformat()} (the oldest open transaction's start, or now, minus "
+            f"floor_margin {settings.floor_margin})."
         )
     return observation.floor

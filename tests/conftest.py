@@ -6,7 +6,9 @@ see each other's rows, xids in flight or state rows.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -17,6 +19,7 @@ import pytest
 
 # Airflow reads AIRFLOW_HOME once, at its first import, so set it before any test module imports it.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="audit-export-airflow-home-")
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")

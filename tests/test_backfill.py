@@ -519,7 +519,8 @@ def test_plan_rejects_unsettled_to(connect, exporter_conn, source_conn_id, tmp_p
     message = str(caught.value)
     assert window_to.astimezone(UTC).isoformat() in message
     assert "not settled" in message
-    match = re.search(r"The largest allowed to is (\S+)\.$", message)
+    assert f"backend pid {open_transaction.info.backend_pid}" in message
+    match = re.search(r"The largest allowed to is (\S+) \(", message)
     assert match, message
     largest_to = datetime.fromisoformat(match.group(1))
     assert largest_to == xact_start - DEFAULT_FLOOR_MARGIN

@@ -72,6 +72,8 @@ MIN_WRITER_BATCHES = 10
 # Upper bound for one `airflow dags test`. A failing task retries twice with 30 s
 # between attempts (the DAG's default_args), so a failed run took 88 s on a 2-core machine.
 DAG_TEST_TIMEOUT_SECONDS = 600
+#: The default floor_margin plus a little clock slack.
+SETTLE_WAIT = timedelta(seconds=65)
 LOG_TAIL_LINES = 30
 # The last line of a Python traceback, such as "airflow_audit_export.source.SourceTableError: Source table ...".
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
@@ -394,6 +396,12 @@ def verify(demo: Demo, last_history_id: int) -> bool:
 def backfill_history(demo: Demo, last_history_id: int) -> bool:
     """Backfill the history before the anchor through ``audit_backfill``; check every history row arrives once."""
     anchored_at = demo.read_anchored_at()
+    # A backfill's `to` is settled once it is older than every open transaction by floor_margin (60 s).
+    settled_at = anchored_at + SETTLE_WAIT
+    wait = (settled_at - datetime.now(timezone.utc)).total_seconds()
+    if wait > 0:
+        print(f"Waiting {wait:.0f} s until the anchor time is settled for a backfill")
+        time.sleep(wait)
     window_from = (anchored_at - timedelta(days=HISTORY_DAYS + 1)).replace(hour=0, minute=0, second=0, microsecond=0)
     conf = {"from": window_from.isoformat(), "to": anchored_at.isoformat()}
     demo.test_dag(BACKFILL_DAG_ID, "backfill", conf)
