@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, dict], None]
 
 
-#: An open transaction older than this is named in a warning, because it holds the cursor and the floor back.
+#: An open transaction older than this is named in a warning, because it keeps the cursor and the floor back.
 LONG_TRANSACTION = timedelta(minutes=5)
 
 

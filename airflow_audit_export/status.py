@@ -76,6 +76,7 @@ def format_status(status: dict) -> str:
         ("lag", f"{status['lag_xids']} xids, {status['lag_seconds']:.1f} s (exported through {status['exported_through']})"),
         ("draining", "yes" if status["draining"] else "no"),
     ]
+
     pending = status["pending"]
     if pending:
         lines.append(
@@ -87,11 +88,13 @@ def format_status(status: dict) -> str:
         )
     else:
         lines.append(("pending range", "none"))
+
     if status["gaps"]:
         for gap in status["gaps"]:
             lines.append(("gap", f"[{gap['from']}, {gap['to']}) backfill {gap.get('backfill', 'pending')}: {gap['reason']}"))
     else:
         lines.append(("gaps", "none"))
+
     last = status["last_run"]
     if last:
         lines.append(
@@ -104,5 +107,6 @@ def format_status(status: dict) -> str:
         )
     else:
         lines.append(("last run", "none yet"))
+
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.rjust(width)}: {value}" for label, value in lines)
