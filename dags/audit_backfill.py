@@ -27,6 +27,8 @@ with DAG(
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # Runs only when triggered, so it starts unpaused: a gap backfill triggered by audit_export must not wait.
+    is_paused_upon_creation=False,
     tags=["audit-export"],
     params={
         "from": Param(
