@@ -16,9 +16,9 @@ an xid at or above ``xmax``. They are read between the activity read and the
 snapshot, and the observation's ``xmax`` is raised above the newest of them.
 
 A floor taken as "the oldest open transaction at snapshot time" and applied to
-the snapshot's ``xmin`` is not safe: xids are assigned at a transaction's first
-write, so an old transaction that only read so far is younger in xid order
-than a newer transaction that already wrote.
+the snapshot's ``xmin`` is not safe. Xids are assigned at a transaction's first
+write, so an old transaction that only read so far gets a larger xid than a
+newer transaction that already wrote.
 """
 
 from __future__ import annotations

@@ -67,8 +67,8 @@ def configure_connection(conn: psycopg.Connection) -> None:
 
     The session settings that change how ``row_to_json`` writes values are
     pinned, so the same rows give the same bytes whatever the role's or the
-    database's defaults: timestamps in UTC, intervals in the default style,
-    and floats in their shortest exact form.
+    database's defaults. Timestamps are written in UTC, intervals in the
+    default style, and floats in their shortest exact form.
     """
     conn.autocommit = True
     conn.prepare_threshold = None

@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_audit_export.anchoring import anchor_export
-from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
+from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
 
 TRUE_STRINGS = ("true", "1", "yes", "on")
 FALSE_STRINGS = ("false", "0", "no", "off", "none", "")
@@ -85,16 +85,7 @@ class AnchorOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         with fail_on_invalid_input():
-            settings = build_settings(
-                self.export_name,
-                self.table,
-                self.tuning,
-                {
-                    "timestamp_column": self.timestamp_column,
-                    "id_column": self.id_column,
-                    "state_table": self.state_table,
-                },
-            )
+            settings = operator_settings(self)
             force = parse_flag("force", self.force)
 
             with source_connection(self.postgres_conn_id) as conn:

@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_audit_export.backfilling import export_range, write_manifest
 from airflow_audit_export.gaps import find_gap, mark_gap_backfill
-from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
+from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
 from airflow_audit_export.ranges import plan_ranges, utc
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import SourceTable, describe_source, describe_table
@@ -17,18 +17,6 @@ from airflow_audit_export.window import Window, check_window_settled, parse_wind
 from airflow_audit_export.writing import parse_destination
 
 DEFAULT_MAX_RANGES = 64
-
-
-def _settings(operator, extra: dict | None = None) -> ExportSettings:
-    options = {
-        "timestamp_column": operator.timestamp_column,
-        "id_column": operator.id_column,
-        "columns": operator.columns or None,
-        "legacy_table": operator.legacy_table or None,
-        "state_table": operator.state_table,
-        **(extra or {}),
-    }
-    return build_settings(operator.export_name, operator.table, operator.tuning, options)
 
 
 def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
@@ -144,7 +132,7 @@ class BackfillWindowOperator(_BackfillBase):
             from airflow.sdk.configuration import conf
 
             window = parse_window(self.window_from, self.window_to)
-            settings = _settings(self, {"page_rows": self.page_rows})
+            settings = operator_settings(self, page_rows=self.page_rows)
             max_map_length = conf.getint("core", "max_map_length")
             if not isinstance(self.max_ranges, int) or self.max_ranges < 1:
                 raise ValueError(f"Invalid max_ranges {self.max_ranges!r}: expected a positive integer.")
@@ -215,7 +203,7 @@ class BackfillRangeOperator(_BackfillBase):
         with fail_on_invalid_input():
             spec = self.export_range
             window = Window(utc(spec["window_from"]), utc(spec["window_to"]))
-            settings = _settings(self, {"page_rows": spec["page_rows"]})
+            settings = operator_settings(self, page_rows=spec["page_rows"])
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
             self.log.info("Exporting range %s of window [%s, %s)", spec["label"], window.start, window.end)
 
@@ -266,7 +254,7 @@ class BackfillSummaryOperator(_BackfillBase):
     def execute(self, context) -> dict:
         with fail_on_invalid_input():
             window = parse_window(self.window_from, self.window_to)
-            settings = _settings(self)
+            settings = operator_settings(self)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
             results = sorted(self.range_results, key=lambda r: r["index"])
 

@@ -49,6 +49,19 @@ def build_settings(export_name: str, table: str, tuning: dict, options: dict) ->
     return ExportSettings.create(name=export_name, table=table, **given)
 
 
+#: Operator attributes passed to :class:`ExportSettings` when the operator has them.
+OPERATOR_SETTINGS_ATTRIBUTES = ("timestamp_column", "id_column", "columns", "legacy_table", "state_table", "compression")
+
+
+def operator_settings(operator, **explicit) -> ExportSettings:
+    """Build validated settings from an operator's rendered attributes, its ``tuning`` and ``explicit`` values."""
+    options = {name: getattr(operator, name, None) for name in OPERATOR_SETTINGS_ATTRIBUTES}
+    options["columns"] = options["columns"] or None
+    options["legacy_table"] = options["legacy_table"] or None
+    options.update(explicit)
+    return build_settings(operator.export_name, operator.table, operator.tuning, options)
+
+
 @contextlib.contextmanager
 def source_connection(postgres_conn_id: str) -> Iterator[psycopg.Connection]:
     """Open the exporter's connection and close it on exit, which also releases its advisory locks."""

@@ -9,7 +9,7 @@ from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_audit_export.exporting import run_export
-from airflow_audit_export.operators.base import build_settings, fail_on_invalid_input, source_connection
+from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
 from airflow_audit_export.state import LockNotAcquired
 from airflow_audit_export.status import format_status, read_status
 from airflow_audit_export.writing import parse_destination
@@ -89,18 +89,7 @@ class XminExportOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         with fail_on_invalid_input():
-            settings = build_settings(
-                self.export_name,
-                self.table,
-                self.tuning,
-                {
-                    "timestamp_column": self.timestamp_column,
-                    "id_column": self.id_column,
-                    "columns": self.columns or None,
-                    "state_table": self.state_table,
-                    "compression": self.compression,
-                },
-            )
+            settings = operator_settings(self)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
 
             with source_connection(self.postgres_conn_id) as conn:
