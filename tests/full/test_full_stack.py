@@ -302,14 +302,17 @@ def test_pause_reanchors_and_backfills_gap(start_stack, start_row_writer):
         assert first_anchor is not None, "The first successful run left no state row"
 
         with clock.phase("paused"):
-            # A run created before the pause still finishes. Wait for it, so no run is in flight while paused.
+            # A running run finishes although the DAG is paused, so wait for it. A run still queued at the
+            # pause only starts after the unpause, so it counts as a run after the unpause.
             stack.wait_for(
-                "the runs in flight at the pause to finish",
-                lambda: not stack.dag_runs("audit_export", state=["queued", "running"]),
+                "the runs running at the pause to finish",
+                lambda: not stack.dag_runs("audit_export", state=["running"]),
                 timeout=NEXT_RUN_TIMEOUT,
             )
             fail_on_failed_runs(stack, "audit_export")
-            runs_before_unpause = {run["dag_run_id"] for run in stack.dag_runs("audit_export")}
+            runs_before_unpause = {
+                run["dag_run_id"] for run in stack.dag_runs("audit_export") if run["state"] != "queued"
+            }
             exported_through = stack.read_state()["exported_through"]
             unpause_at = exported_through + timedelta(seconds=PAUSE_MAX_BACKLOG_SECONDS + PAUSE_MARGIN_SECONDS)
             stack.wait_for(
