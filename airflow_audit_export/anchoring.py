@@ -120,9 +120,12 @@ def _reanchor_reason(
     system_identifier: str | None,
     force: bool,
 ) -> tuple[str | None, bool]:
-    """Return why the export must re-anchor (or ``None``), and whether the xid history changed."""
-    # NOTE: a physical restore of a base backup brings the state row back with the data,
-    # so neither history check below fires and the restored cursor is used as it is.
+    """Return why the export must re-anchor (or ``None``), and whether the xid history changed.
+
+    A physical copy (restored base backup, failover, cloned data directory) passes
+    both history checks, because its state row came with its data and is valid
+    for it. The export run catches it through the destination's lineage marker.
+    """
     if system_identifier and state.system_identifier and system_identifier != state.system_identifier:
         return (
             f"the database's system_identifier changed from {state.system_identifier} to {system_identifier} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
+from airflow_audit_export.lineage import LineageCheck, LineageMarker, check_lineage, new_token, read_marker, write_marker
 from airflow_audit_export.observation import take_observation
 from airflow_audit_export.planning import SliceWidth, advance_floor, append_observation, plan_xid_range
 from airflow_audit_export.reading import ExportRow, KeysetPosition, XminRangeReader
@@ -61,6 +63,13 @@ def run_export(
         table = describe_source(conn, settings)
         destination.check_writable()
 
+        # NOTE: reading and writing the marker are two requests, so two copies of the database
+        # that run at the same moment can both pass this check before either writes.
+        marker = read_marker(destination, settings.name)
+        lineage = check_lineage(state, marker)
+        if lineage.diverged_reason:
+            state = _move_to_new_epoch(store, settings, state, lineage)
+
         if state.pending:
             pending = dict(state.pending)
             history = state.floor_history
@@ -72,8 +81,10 @@ def run_export(
                 pending["sequence"],
                 pending["rows"],
             )
+            _claim_for_resume(store, destination, state, pending, marker)
         else:
-            pending, history = _plan(conn, store, settings, state)
+            pending, history = _plan(conn, store, settings, state, lineage)
+            write_marker(destination, state, pending["lineage_token"], pending["key_epoch"], pending["lo"])
         notify("planned", dict(pending))
 
         if not pending["floor_trusted"]:
@@ -103,8 +114,53 @@ def run_export(
         return _commit(store, settings, state, pending, history, reader, started)
 
 
-def _plan(conn: psycopg.Connection, store: StateStore, settings: ExportSettings, state: ExportState) -> tuple[dict, list]:
-    """Take an observation, plan the xid range and store it as the pending range."""
+def _move_to_new_epoch(
+    store: StateStore, settings: ExportSettings, state: ExportState, lineage: LineageCheck
+) -> ExportState:
+    """Switch to the key epoch of a diverged lineage and drop its pending range, in one update.
+
+    Dropping a pending range loses nothing: the cursor has not moved, so the next
+    range starts at the same xid and its rows are written again under the new epoch.
+    """
+    store.update(
+        settings.name,
+        key_epoch=lineage.key_epoch,
+        pending=None,
+        lineage_token=None,
+        previous_lineage_token=None,
+    )
+    log.warning(
+        "Export %s: %s. Objects from now on use key epoch %s (was %s), so this database never overwrites the "
+        "other copy's objects, and the rows from cursor %s on are exported again under the new keys%s.",
+        settings.name,
+        lineage.diverged_reason,
+        lineage.key_epoch,
+        state.key_epoch,
+        state.cursor_xid,
+        f"; abandoned pending xid range [{state.pending['lo']}, {state.pending['hi']})" if state.pending else "",
+    )
+    return dataclasses.replace(
+        state, key_epoch=lineage.key_epoch, pending=None, lineage_token=None, previous_lineage_token=None
+    )
+
+
+def _claim_for_resume(
+    store: StateStore, destination: Destination, state: ExportState, pending: dict, marker: LineageMarker | None
+) -> None:
+    """Write the pending range's token to the marker, unless it is there already, before more objects follow."""
+    if marker is not None and state.lineage_token is not None and marker.token == state.lineage_token:
+        return
+    token = state.lineage_token
+    if token is None:
+        token = new_token()
+        store.update(state.export_name, lineage_token=token, previous_lineage_token=None)
+    write_marker(destination, state, token, pending.get("key_epoch", state.key_epoch), pending["lo"])
+
+
+def _plan(
+    conn: psycopg.Connection, store: StateStore, settings: ExportSettings, state: ExportState, lineage: LineageCheck
+) -> tuple[dict, list]:
+    """Take an observation, plan the xid range and store it as the pending range with a new lineage token."""
     observation = take_observation(conn, floor_margin=settings.floor_margin, fallback_window=settings.fallback_window)
     if observation.xmin < state.cursor_xid:
         raise StaleCursorError(
@@ -128,6 +184,8 @@ def _plan(conn: psycopg.Connection, store: StateStore, settings: ExportSettings,
         "rows_per_object": settings.rows_per_object,
         "compression": settings.compression,
         "key_epoch": state.key_epoch,
+        "lineage_token": new_token(),
+        "lineage_diverged": lineage.diverged_reason,
         "position": None,
         "sequence": 0,
         "rows": 0,
@@ -137,7 +195,13 @@ def _plan(conn: psycopg.Connection, store: StateStore, settings: ExportSettings,
         "observation_trusted": observation.trusted,
         "observation_untrusted_reason": observation.untrusted_reason,
     }
-    store.update(settings.name, floor_history=history, pending=pending)
+    store.update(
+        settings.name,
+        floor_history=history,
+        pending=pending,
+        lineage_token=pending["lineage_token"],
+        previous_lineage_token=state.lineage_token,
+    )
     if not observation.trusted:
         log.warning(
             "Export %s: this run's observation is untrusted (%s), so the floor stops advancing and every run "
@@ -285,6 +349,8 @@ def _run_stats(pending: dict, reader: XminRangeReader, started: float) -> dict:
         "slowest_statement_seconds": round(reader.slowest_statement, 4),
         "duration_seconds": round(time.monotonic() - started, 3),
         "last_keys": pending["keys"][-3:],
+        "key_epoch": pending.get("key_epoch", 0),
+        "lineage_diverged": pending.get("lineage_diverged"),
     }
 
 

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     system_identifier text,
     last_seen_xid bigint NOT NULL,
     key_epoch integer NOT NULL DEFAULT 0,
+    lineage_token text,
+    previous_lineage_token text,
     floor_history jsonb NOT NULL DEFAULT '[]',
     pending jsonb,
     gaps jsonb NOT NULL DEFAULT '[]',
@@ -58,6 +60,8 @@ STATE_COLUMNS = (
     "system_identifier",
     "last_seen_xid",
     "key_epoch",
+    "lineage_token",
+    "previous_lineage_token",
     "floor_history",
     "pending",
     "gaps",
@@ -89,6 +93,9 @@ class ExportState:
     ``key_epoch`` counts re-anchors onto another xid history (a restore or a
     copy into another cluster). It is part of steady-state object keys, so the
     new history's xid ranges never overwrite the old history's objects.
+    ``lineage_token`` is the token of the range planned last, also written to the
+    destination's lineage marker, and ``previous_lineage_token`` the one before
+    (see :mod:`airflow_audit_export.lineage`).
     """
 
     export_name: str
@@ -102,6 +109,8 @@ class ExportState:
     system_identifier: str | None
     last_seen_xid: int
     key_epoch: int = 0
+    lineage_token: str | None = None
+    previous_lineage_token: str | None = None
     floor_history: list[dict] = dataclasses.field(default_factory=list)
     pending: dict | None = None
     gaps: list[dict] = dataclasses.field(default_factory=list)
@@ -196,6 +205,13 @@ class StateStore:
             raise StateTableError(
                 f"Role {self.conn.info.user!r} cannot read {self.state_table!r}: run "
                 f"GRANT SELECT, INSERT, UPDATE ON {self.state_table} TO {self.conn.info.user};"
+            ) from err
+        except psycopg.errors.UndefinedColumn as err:
+            raise StateTableError(
+                f"State table {self.state_table!r} was created by an older version and lacks a column "
+                f"({err.diag.message_primary}). Run airflow_audit_export/sql/export_role.sql again as the "
+                f"table's owner, or run: ALTER TABLE {self.state_table} ADD COLUMN IF NOT EXISTS lineage_token "
+                "text, ADD COLUMN IF NOT EXISTS previous_lineage_token text;"
             ) from err
         if row is None:
             return None

@@ -35,6 +35,7 @@ def describe_state(state: ExportState, *, current_xmin: int, now: datetime, role
         "export_name": state.export_name,
         "source_table": state.source_table,
         "cursor": state.cursor_xid,
+        "key_epoch": state.key_epoch,
         "anchored_at": state.anchored_at.isoformat(),
         "floor": state.cursor_floor.isoformat(),
         "floor_trusted": state.cursor_floor_trusted,
@@ -63,7 +64,7 @@ def format_status(status: dict) -> str:
     floor_trust = "trusted" if status["floor_trusted"] else f"untrusted ({status['floor_untrusted_reason']})"
     lines = [
         ("export", f"{status['export_name']} ({status['source_table']})"),
-        ("cursor", status["cursor"]),
+        ("cursor", status["cursor"] if not status["key_epoch"] else f"{status['cursor']} (key epoch {status['key_epoch']})"),
         ("anchored at", status["anchored_at"]),
         ("floor", f"{status['floor']}, {floor_trust}"),
     ]

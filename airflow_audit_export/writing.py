@@ -60,6 +60,10 @@ class Destination(Protocol):
 
     def publish(self, staged_path: str, key: str) -> None: ...
 
+    def read_bytes(self, key: str) -> bytes | None: ...
+
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+
 
 class LocalDestination:
     """A folder on the worker; objects are renamed into place from a staging folder on the same filesystem."""
@@ -90,6 +94,22 @@ class LocalDestination:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged_path, target)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """Return the bytes of a small object such as a marker, or ``None`` when it does not exist."""
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a small object whole: staged, flushed, then renamed into place."""
+        fd, staged_path = tempfile.mkstemp(prefix=".partial-", dir=self.staging_dir())
+        with os.fdopen(fd, "wb") as staged:
+            staged.write(data)
+            staged.flush()
+            os.fsync(staged.fileno())
+        self.publish(staged_path, key)
 
     def path_of(self, key: str) -> Path:
         return self.root / key
@@ -142,6 +162,26 @@ class S3Destination:
             self.hook.load_file(filename=staged_path, key=key, bucket_name=self.bucket, replace=True)
         finally:
             os.unlink(staged_path)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """Return the bytes of a small object such as a marker, or ``None`` when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.hook.get_conn().get_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise DestinationError(
+                f"Cannot read s3://{self.bucket}/{key} through connection {self.aws_conn_id!r} ({code}): the "
+                "export needs s3:GetObject as well as s3:PutObject on its prefix."
+            ) from err
+        return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a small object in one PUT."""
+        self.hook.get_conn().put_object(Bucket=self.bucket, Key=key, Body=data)
 
 
 def parse_destination(uri: str, *, aws_conn_id: str | None = "aws_default") -> Destination:

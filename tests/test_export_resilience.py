@@ -8,6 +8,7 @@ exported ids and the bytes of every object.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import threading
@@ -22,6 +23,7 @@ from psycopg import sql
 
 from airflow_audit_export.anchoring import anchor_export
 from airflow_audit_export.exporting import run_export
+from airflow_audit_export.lineage import read_marker
 from airflow_audit_export.observation import take_observation
 from airflow_audit_export.settings import split_qualified_name
 from airflow_audit_export.source import configure_connection
@@ -504,9 +506,14 @@ def test_s3_and_local_objects_match(exporter_conn, connect, settings, local_dest
     assert (local_stats["lo"], local_stats["hi"]) == (s3_stats["lo"], s3_stats["hi"])
     assert read_cursor(exporter_conn, settings) == read_cursor(exporter_conn, s3_settings)
     local_objects = read_local_objects(local_destination)
-    remote_objects = s3_objects(s3_server, bucket, S3_PREFIX)
+    remote_files = s3_objects(s3_server, bucket, S3_PREFIX)
+    remote_marker = remote_files.pop("lineage/audit.json")
+    remote_objects = remote_files
     assert len(local_objects) >= 3
     assert sorted(remote_objects) == sorted(local_objects)
+    s3_state = StateStore(exporter_conn, "public.state_s3").load("audit")
+    assert json.loads(remote_marker)["token"] == s3_state.lineage_token
+    assert read_marker(s3_destination, "audit").cursor == s3_stats["lo"]
     for key, data in local_objects.items():
         assert remote_objects[key] == data, f"object {key} differs between S3 and the local folder"
     assert sorted(exported_ids(local_destination)) == sorted(ids)

@@ -1,22 +1,27 @@
-"""Restored or copied databases: the export re-anchors with a recorded gap instead of using a stale cursor.
+"""Restored or copied databases never make the export skip rows or overwrite another copy's objects.
 
-The source database is copied with ``pg_dump`` into a second, freshly initialised
-cluster. That copy has another ``system_identifier`` and an xid counter below the
-stored cursor, as a database restored into a new cluster would.
+A logical copy (``pg_dump`` into a second, freshly initialised cluster) has
+another ``system_identifier`` and an xid counter below the stored cursor, as a
+database restored into a new cluster would: the anchor re-anchors with a gap.
+A physical copy (``pg_basebackup``) keeps both, so only the destination's
+lineage marker reveals it: the export moves to a new key epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+from datetime import timedelta
 
 import pytest
 
 from airflow_audit_export.anchoring import anchor_export
 from airflow_audit_export.exporting import StaleCursorError, run_export
 from airflow_audit_export.source import configure_connection
-from airflow_audit_export.testing.objects import exported_ids, read_local_objects
+from airflow_audit_export.testing.objects import decode_rows, exported_ids, read_local_objects
 from airflow_audit_export.testing.pgcluster import PostgresCluster
-from airflow_audit_export.testing.schema import EXPORT_ROLE, apply_export_role, insert_rows
+from airflow_audit_export.testing.schema import EXPORT_ROLE, apply_export_role, create_reference_schema, insert_rows
+from airflow_audit_export.writing import parse_destination
 
 #: xids burnt in the source so that its cursor is above the fresh cluster's xid counter.
 BURNT_XIDS = 1500
@@ -143,3 +148,125 @@ def test_copy_reanchors_when_xid_below_cursor(
     assert set(newer_ids) <= set(exported)
     # Rows committed in the copy before the re-anchor are history: the recorded gap covers them.
     assert not set(new_ids) & set(exported)
+
+
+#: One-row transactions written after the base backup, in the source and in the restored copy.
+ROWS_AFTER_BACKUP = 60
+
+
+@pytest.fixture
+def source_cluster():
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+def drain(conn, settings, destination) -> list[dict]:
+    runs = [run_export(conn, settings, destination)]
+    while runs[-1]["draining"]:
+        runs.append(run_export(conn, settings, destination))
+    return runs
+
+
+def insert_one_per_transaction(cluster: PostgresCluster, database: str, count: int, workspace: str) -> list[int]:
+    with cluster.connect(database) as writer:
+        return [insert_rows(writer, 1, workspace=workspace)[0] for _ in range(count)]
+
+
+def test_base_backup_restore_moves_key_epoch(source_cluster, settings, tmp_path):
+    # A small max_xid_interval makes both copies plan the same first range [cursor, cursor + 40),
+    # so without the lineage marker the restored copy would overwrite the source's objects.
+    settings = dataclasses.replace(settings, max_xid_interval=40)
+    destination = parse_destination(f"file://{tmp_path / 'bucket'}")
+    database = "app"
+    source_cluster.create_database(database)
+    with source_cluster.connect(database) as owner:
+        today = owner.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()[0]
+        create_reference_schema(owner, first_day=today - timedelta(days=2), last_day=today + timedelta(days=2))
+        apply_export_role(owner)
+
+    source_conn = exporter(source_cluster, database)
+    anchor_export(source_conn, settings)
+    before_backup = insert_one_per_transaction(source_cluster, database, 10, "before-backup")
+    drain(source_conn, settings, destination)
+
+    restored_cluster = source_cluster.take_base_backup()
+    try:
+        source_only = insert_one_per_transaction(source_cluster, database, ROWS_AFTER_BACKUP, "source-only")
+        source_runs = drain(source_conn, settings, destination)
+        source_conn.close()
+        source_objects = read_local_objects(destination)
+        source_cluster.stop()
+
+        restored_cluster.start()
+        restored_conn = exporter(restored_cluster, database)
+        anchor = anchor_export(restored_conn, settings)
+        restored_only = insert_one_per_transaction(restored_cluster, database, ROWS_AFTER_BACKUP, "restored-only")
+        restored_runs = drain(restored_conn, settings, destination)
+        restored_conn.close()
+        restored_state = read_state(restored_cluster, database)
+    finally:
+        restored_cluster.cleanup()
+
+    final_objects = read_local_objects(destination)
+    rows = decode_rows(final_objects)
+    restored_keys = set(final_objects) - set(source_objects)
+
+    # The in-database checks cannot see a physical copy: same system_identifier, xids above the cursor.
+    assert anchor.action == "unchanged"
+    assert source_runs[0]["lo"] == restored_runs[0]["lo"]
+    assert "restored from a backup" in restored_runs[0]["lineage_diverged"]
+    assert restored_state["key_epoch"] == 1
+    assert restored_state["gaps"] == []
+    assert restored_keys
+    assert all("_xmin_e1_" in key for key in restored_keys)
+    for key, data in source_objects.items():
+        assert final_objects[key] == data, f"{key} was overwritten by the restored copy"
+    exported_by_workspace = {
+        workspace: {row["id"] for row in rows if row["workspace_id"] == workspace}
+        for workspace in ("before-backup", "source-only", "restored-only")
+    }
+    assert exported_by_workspace["before-backup"] == set(before_backup)
+    assert exported_by_workspace["source-only"] == set(source_only)
+    assert exported_by_workspace["restored-only"] == set(restored_only)
+
+
+def test_running_clone_never_overwrites_objects(source_cluster, settings, tmp_path):
+    settings = dataclasses.replace(settings, max_xid_interval=40)
+    destination = parse_destination(f"file://{tmp_path / 'bucket'}")
+    database = "app"
+    source_cluster.create_database(database)
+    with source_cluster.connect(database) as owner:
+        today = owner.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()[0]
+        create_reference_schema(owner, first_day=today - timedelta(days=2), last_day=today + timedelta(days=2))
+        apply_export_role(owner)
+    source_conn = exporter(source_cluster, database)
+    anchor_export(source_conn, settings)
+    drain(source_conn, settings, destination)
+
+    # A copy of the data directory that keeps running and, by mistake, exports to the same destination.
+    clone_cluster = source_cluster.take_base_backup()
+    clone_cluster.start()
+    try:
+        clone_conn = exporter(clone_cluster, database)
+        written: dict[str, bytes] = {}
+        inserted = {"source": [], "clone": []}
+        epochs = []
+        for _ in range(2):
+            for workspace, cluster, conn in (("source", source_cluster, source_conn), ("clone", clone_cluster, clone_conn)):
+                inserted[workspace] += insert_one_per_transaction(cluster, database, 45, workspace)
+                epochs.append(drain(conn, settings, destination)[0]["key_epoch"])
+                objects = read_local_objects(destination)
+                for key, data in written.items():
+                    assert objects[key] == data, f"{key} was overwritten by the {workspace}"
+                written = objects
+        clone_conn.close()
+        source_conn.close()
+    finally:
+        clone_cluster.cleanup()
+
+    rows = decode_rows(written)
+
+    # Each side finds the other's marker before it writes, so every run takes a new key epoch.
+    assert epochs == [0, 1, 2, 3]
+    for workspace, ids in inserted.items():
+        assert {row["id"] for row in rows if row["workspace_id"] == workspace} == set(ids)

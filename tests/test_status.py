@@ -58,3 +58,13 @@ def test_status_text_names_every_section():
     assert "backfill pending" in text
     assert "stopped at a per-run cap" in text
     assert "xids [1000, 1400)" in text
+
+
+def test_status_text_shows_key_epoch():
+    state = untrusted_state()
+    state.key_epoch = 2
+    text = format_status(describe_state(state, current_xmin=1500, now=NOW, role="audit_exporter"))
+    plain = format_status(describe_state(untrusted_state(), current_xmin=1500, now=NOW, role="audit_exporter"))
+
+    assert "cursor: 1000 (key epoch 2)" in text
+    assert "key epoch" not in plain

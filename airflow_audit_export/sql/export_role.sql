@@ -48,10 +48,16 @@ CREATE TABLE IF NOT EXISTS public.audit_export_state (
     system_identifier text,
     last_seen_xid bigint NOT NULL,
     key_epoch integer NOT NULL DEFAULT 0,
+    lineage_token text,
+    previous_lineage_token text,
     floor_history jsonb NOT NULL DEFAULT '[]',
     pending jsonb,
     gaps jsonb NOT NULL DEFAULT '[]',
     last_run jsonb,
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- Columns added after the first release; a table created by an older version gets them here.
+ALTER TABLE public.audit_export_state
+    ADD COLUMN IF NOT EXISTS lineage_token text,
+    ADD COLUMN IF NOT EXISTS previous_lineage_token text;
 GRANT SELECT, INSERT, UPDATE ON public.audit_export_state TO audit_exporter;

@@ -324,6 +324,36 @@ class PostgresCluster:
                 return
         log.info("Created database %s", name)
 
+    def take_base_backup(self) -> PostgresCluster:
+        """Copy this running cluster with ``pg_basebackup`` into a new, stopped cluster.
+
+        The copy is a physical one, as a base backup restored by an operator or a
+        clone of the data directory would be: it keeps the ``system_identifier``,
+        the xid counter and every database as of the backup's end. Start it with
+        :meth:`start`; it listens on its own port and socket directory.
+        """
+        own_settings = {k: v for k, v in self.settings.items() if k != "unix_socket_directories"}
+        copy = PostgresCluster(settings=own_settings, bin_dir=str(self.bin_dir))
+        copy._prepare_base_dir()
+        command = [
+            *self._run_as, str(self.bin_dir / "pg_basebackup"),
+            "-h", self.host, "-p", str(self.port), "-U", self.superuser,
+            "-D", str(copy.data_dir), "-X", "stream", "-c", "fast", "--no-sync",
+        ]  # fmt: skip
+        result = self._run(command)
+        if result.returncode != 0:
+            copy.cleanup()
+            raise RuntimeError(
+                f"pg_basebackup of {self.host}:{self.port} failed (exit code {result.returncode}):\n"
+                f"{_tail(result.stdout + result.stderr)}"
+            )
+
+        # The copied postgresql.conf still names this cluster's socket directory; later lines win.
+        with open(copy.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write(f"unix_socket_directories = {_quote_setting(str(copy.base_dir))}\n")
+        log.info("Took a base backup of %s:%s into %s", self.host, self.port, copy.data_dir)
+        return copy
+
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
@@ -385,6 +415,7 @@ class PostgresCluster:
             "# Throwaway test cluster: trust local and loopback connections only.\n"
             "local all all trust\n"
             "host all all 127.0.0.1/32 trust\n"
+            "host replication all 127.0.0.1/32 trust\n"
         )
         (self.data_dir / "pg_hba.conf").write_text(hba, encoding="utf-8")
         log.debug("Initialized PostgreSQL data directory %s", self.data_dir)
