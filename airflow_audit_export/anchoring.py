@@ -49,8 +49,8 @@ def anchor_export(conn: psycopg.Connection, settings: ExportSettings, *, force: 
     """
     store = StateStore(conn, settings.state_table)
     with store.locked(settings.name, settings.lock_wait):
-        store.ensure_table()
         describe_source(conn, settings)
+        store.ensure_table()
         state = store.load(settings.name)
         system_identifier = read_system_identifier(conn)
 

@@ -35,11 +35,12 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _non_negative_delta(name: str, value: object) -> timedelta:
+    delta = value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = timedelta(seconds=value)
-    if not isinstance(value, timedelta) or value < timedelta(0):
+        delta = timedelta(seconds=value)
+    if not isinstance(delta, timedelta) or delta < timedelta(0):
         raise ValueError(f"Invalid {name} {value!r}: expected a timedelta or a number of seconds >= 0.")
-    return value
+    return delta
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,10 @@ class StateStore:
     def _regclass_name(self) -> str:
         return self.identifier.as_string(self.conn)
 
+    def _has_column(self, column: str) -> bool:
+        query = "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped)"
+        return self.conn.execute(query, (self._regclass_name(), column)).fetchone()[0]
+
     # -- lock ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -207,6 +211,12 @@ class StateStore:
                 f"GRANT SELECT, INSERT, UPDATE ON {self.state_table} TO {self.conn.info.user};"
             ) from err
         except psycopg.errors.UndefinedColumn as err:
+            if not self._has_column("export_name"):
+                raise StateTableError(
+                    f"Table {self.state_table!r} is not an export state table (it has no export_name column): set "
+                    "state_table (AUDIT_EXPORT_STATE_TABLE) to a table of its own, for example "
+                    "'public.audit_export_state', which the anchor task creates."
+                ) from err
             raise StateTableError(
                 f"State table {self.state_table!r} was created by an older version and lacks a column "
                 f"({err.diag.message_primary}). Run airflow_audit_export/sql/export_role.sql again as the "

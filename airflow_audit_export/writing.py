@@ -137,7 +137,7 @@ class S3Destination:
         return tempfile.gettempdir()
 
     def check_writable(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             self.hook.get_conn().head_bucket(Bucket=self.bucket)
@@ -151,6 +151,13 @@ class S3Destination:
             raise DestinationError(
                 f"Cannot access bucket {self.bucket!r} through connection {self.aws_conn_id!r} ({code}): check "
                 "the connection's credentials and the bucket policy."
+            ) from err
+        except NoCredentialsError as err:
+            raise DestinationError(
+                f"No AWS credentials for destination {self.uri!r}: connection {self.aws_conn_id!r} is not defined "
+                "or has no keys, and the worker has no credentials of its own. Define the connection, for example "
+                f"AIRFLOW_CONN_{str(self.aws_conn_id).upper()}='aws://KEY:SECRET@/?region_name=eu-west-1', or give "
+                "the worker AWS credentials (an instance role or AWS_* environment variables)."
             ) from err
         except BotoCoreError as err:
             raise DestinationError(

@@ -8,7 +8,16 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from airflow_audit_export.anchoring import anchor_export
-from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
+from airflow_audit_export.operators.base import (
+    check_state_table,
+    fail_on_invalid_input,
+    operator_settings,
+    source_connection,
+)
+
+RETRY_NOTE = (
+    "The task can be retried: the anchor writes its state row in one statement, so no half-written row is left."
+)
 
 TRUE_STRINGS = ("true", "1", "yes", "on")
 FALSE_STRINGS = ("false", "0", "no", "off", "none", "")
@@ -88,6 +97,7 @@ class AnchorOperator(BaseOperator):
             settings = operator_settings(self)
             force = parse_flag("force", self.force)
 
-            with source_connection(self.postgres_conn_id) as conn:
+            with source_connection(self.postgres_conn_id, retry_note=RETRY_NOTE) as conn:
+                check_state_table(conn, settings)
                 result = anchor_export(conn, settings, force=force)
             return result.to_xcom()

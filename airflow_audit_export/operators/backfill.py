@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 from airflow_audit_export.backfilling import export_range, write_manifest
 from airflow_audit_export.gaps import find_gap, mark_gap_backfill
-from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
-from airflow_audit_export.ranges import plan_ranges, utc
+from airflow_audit_export.operators.base import (
+    check_state_table,
+    fail_on_invalid_input,
+    operator_settings,
+    source_connection,
+)
+from airflow_audit_export.ranges import plan_ranges
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import SourceTable, describe_source, describe_table
-from airflow_audit_export.window import Window, check_window_settled, parse_window
+from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_instant, parse_window
 from airflow_audit_export.writing import parse_destination
 
 DEFAULT_MAX_RANGES = 64
+
+#: Keys of one item of the plan task's output, which each mapped range task receives as ``export_range``.
+RANGE_SPEC_KEYS = ("index", "from", "to", "window_from", "window_to", "page_rows", "label")
+
+PLAN_RETRY_NOTE = "The task can be retried: planning writes nothing."
+RANGE_RETRY_NOTE = (
+    "The task can be retried: it writes the range's objects again under the same keys with the same bytes."
+)
+SUMMARY_RETRY_NOTE = "The task can be retried: it writes the same manifest again."
 
 
 def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
@@ -34,6 +50,75 @@ def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTabl
         )
         tables.append(("legacy", legacy))
     return tables
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeSpec:
+    """One validated item of the plan task's output: a page range ``[start, end)`` inside ``window``."""
+
+    index: int
+    label: str
+    window: Window
+    start: datetime
+    end: datetime
+    page_rows: Any
+
+
+def parse_range_spec(spec: Any) -> RangeSpec:
+    """Validate one item of the plan task's output, raising ``ValueError`` that names the bad key and the fix."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"Invalid export_range {spec!r}: expected one item of the plan task's output, a mapping with the keys "
+            f"{', '.join(RANGE_SPEC_KEYS)}. Map the task over BackfillWindowOperator's output."
+        )
+    missing = [key for key in RANGE_SPEC_KEYS if key not in spec]
+    if missing:
+        raise ValueError(
+            f"Invalid export_range {dict(spec)!r}: it has no {', '.join(missing)}. Map the task over "
+            "BackfillWindowOperator's output, whose items have every key."
+        )
+    window_start = parse_instant("export_range window_from", spec["window_from"])
+    window_end = parse_instant("export_range window_to", spec["window_to"])
+    start = parse_instant("export_range from", spec["from"])
+    end = parse_instant("export_range to", spec["to"])
+    if not window_start <= start < end <= window_end:
+        raise WindowError(
+            f"Invalid export_range [{start.isoformat()}, {end.isoformat()}): it must be a non-empty range inside "
+            f"its window [{window_start.isoformat()}, {window_end.isoformat()}). Pass the plan task's output unchanged."
+        )
+    if isinstance(spec["index"], bool) or not isinstance(spec["index"], int) or spec["index"] < 0:
+        raise ValueError(f"Invalid export_range index {spec['index']!r}: expected an integer >= 0.")
+    return RangeSpec(
+        index=spec["index"],
+        label=str(spec["label"]),
+        window=Window(window_start, window_end),
+        start=start,
+        end=end,
+        page_rows=spec["page_rows"],
+    )
+
+
+def parse_range_results(value: Any) -> list[Mapping]:
+    """Validate the mapped range tasks' results, raising ``ValueError`` that names the bad item and the fix."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"Invalid range_results {value!r}: expected the list of BackfillRangeOperator results, for example "
+            "export_ranges.output."
+        )
+    results = list(value)
+    for result in results:
+        objects = result.get("objects") if isinstance(result, Mapping) else None
+        valid = (
+            isinstance(objects, list)
+            and isinstance(result.get("index"), int)
+            and all(isinstance(o, Mapping) and {"key", "rows", "bytes"} <= o.keys() for o in objects)
+        )
+        if not valid:
+            raise ValueError(
+                f"Invalid item {result!r} in range_results: expected a BackfillRangeOperator result with an "
+                "index and objects of key, rows and bytes. Pass the mapped range task's output unchanged."
+            )
+    return sorted(results, key=lambda r: r["index"])
 
 
 class _BackfillBase(BaseOperator):
@@ -134,12 +219,13 @@ class BackfillWindowOperator(_BackfillBase):
             window = parse_window(self.window_from, self.window_to)
             settings = operator_settings(self, page_rows=self.page_rows)
             max_map_length = conf.getint("core", "max_map_length")
-            if not isinstance(self.max_ranges, int) or self.max_ranges < 1:
+            if isinstance(self.max_ranges, bool) or not isinstance(self.max_ranges, int) or self.max_ranges < 1:
                 raise ValueError(f"Invalid max_ranges {self.max_ranges!r}: expected a positive integer.")
             max_ranges = min(self.max_ranges, max_map_length)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
 
-            with source_connection(self.postgres_conn_id) as conn:
+            with source_connection(self.postgres_conn_id, retry_note=PLAN_RETRY_NOTE) as conn:
+                check_state_table(conn, settings)
                 tables = _source_tables(conn, settings)
                 gap = find_gap(conn, settings, window)
                 if gap is None:
@@ -201,13 +287,14 @@ class BackfillRangeOperator(_BackfillBase):
 
     def execute(self, context) -> dict:
         with fail_on_invalid_input():
-            spec = self.export_range
-            window = Window(utc(spec["window_from"]), utc(spec["window_to"]))
-            settings = operator_settings(self, page_rows=spec["page_rows"])
+            spec = parse_range_spec(self.export_range)
+            window = spec.window
+            settings = operator_settings(self, page_rows=spec.page_rows)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
-            self.log.info("Exporting range %s of window [%s, %s)", spec["label"], window.start, window.end)
+            self.log.info("Exporting range %s of window [%s, %s)", spec.label, window.start, window.end)
 
-            with source_connection(self.postgres_conn_id) as conn:
+            with source_connection(self.postgres_conn_id, retry_note=RANGE_RETRY_NOTE) as conn:
+                check_state_table(conn, settings)
                 tables = _source_tables(conn, settings)
                 destination.check_writable()
                 result = export_range(
@@ -216,13 +303,13 @@ class BackfillRangeOperator(_BackfillBase):
                     destination,
                     name=settings.name,
                     window=window,
-                    start=utc(spec["from"]),
-                    end=utc(spec["to"]),
+                    start=spec.start,
+                    end=spec.end,
                     page_rows=settings.page_rows,
                     rows_per_object=settings.rows_per_object,
                     compression=settings.compression,
                 )
-            return {**result, "index": spec["index"], "label": spec["label"]}
+            return {**result, "index": spec.index, "label": spec.label}
 
 
 class BackfillSummaryOperator(_BackfillBase):
@@ -256,10 +343,14 @@ class BackfillSummaryOperator(_BackfillBase):
             window = parse_window(self.window_from, self.window_to)
             settings = operator_settings(self)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
-            results = sorted(self.range_results, key=lambda r: r["index"])
+            results = parse_range_results(self.range_results)
 
-            summary = write_manifest(destination, settings.name, window, results)
-            with source_connection(self.postgres_conn_id) as conn:
+            with source_connection(self.postgres_conn_id, retry_note=SUMMARY_RETRY_NOTE) as conn:
+                # Every input is checked before the manifest is written, so a rejected task writes nothing.
+                check_state_table(conn, settings)
+                _source_tables(conn, settings)
+                destination.check_writable()
+                summary = write_manifest(destination, settings.name, window, results)
                 if mark_gap_backfill(conn, settings, window, {"manifest": summary["manifest"], "rows": summary["rows"]}):
                     summary["gap"] = "done"
             self.log.info(

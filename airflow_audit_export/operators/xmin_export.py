@@ -9,10 +9,20 @@ from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_audit_export.exporting import run_export
-from airflow_audit_export.operators.base import fail_on_invalid_input, operator_settings, source_connection
+from airflow_audit_export.operators.base import (
+    check_state_table,
+    fail_on_invalid_input,
+    operator_settings,
+    source_connection,
+)
 from airflow_audit_export.state import LockNotAcquired
 from airflow_audit_export.status import format_status, read_status
 from airflow_audit_export.writing import parse_destination
+
+RETRY_NOTE = (
+    "No row is lost: the cursor moves only after the range's objects are written, and a retry of the task "
+    "resumes the pending xid range from its last saved object."
+)
 
 
 class XminExportOperator(BaseOperator):
@@ -72,7 +82,7 @@ class XminExportOperator(BaseOperator):
         tuning: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        if "outlets" not in kwargs and "{{" not in destination:
+        if "outlets" not in kwargs and isinstance(destination, str) and "{{" not in destination:
             kwargs["outlets"] = [Asset(destination.rstrip("/"))]
         super().__init__(**kwargs)
         self.export_name = export_name
@@ -92,7 +102,8 @@ class XminExportOperator(BaseOperator):
             settings = operator_settings(self)
             destination = parse_destination(self.destination, aws_conn_id=self.aws_conn_id)
 
-            with source_connection(self.postgres_conn_id) as conn:
+            with source_connection(self.postgres_conn_id, retry_note=RETRY_NOTE) as conn:
+                check_state_table(conn, settings)
                 try:
                     stats = run_export(conn, settings, destination)
                 except LockNotAcquired as err:
