@@ -45,15 +45,47 @@ def _connect(args: argparse.Namespace) -> psycopg.Connection:
     return open_connection(args.conn_id)
 
 
+def _read_statuses(args: argparse.Namespace) -> list[dict]:
+    """Read the status of the requested exports; raise ``StatusError`` with the fix on any expected failure."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        with _connect(args) as conn:
+            store = StateStore(conn, args.state_table)
+            if not store.exists():
+                raise StatusError(
+                    f"State table {args.state_table!r} does not exist in database {conn.info.dbname!r}: the anchor "
+                    "task has not run yet, or --state-table (AUDIT_EXPORT_STATE_TABLE) names another table."
+                )
+            names = [args.name] if args.name else store.list_names()
+            return [read_status(conn, args.state_table, name) for name in names]
+    except AirflowNotFoundException as err:
+        raise StatusError(
+            f"Connection {args.conn_id!r} is not defined: define it (for example AIRFLOW_CONN_"
+            f"{args.conn_id.upper()}='postgresql://user:password@host:5432/dbname'), or pass --conn-id or --dsn."
+        ) from err
+    except psycopg.OperationalError as err:
+        raise StatusError(f"Cannot connect to the source database: {str(err).strip()}") from err
+    except psycopg.errors.UndefinedColumn as err:
+        raise StatusError(
+            f"Table {args.state_table!r} is not an export state table ({err.diag.message_primary}): pass the "
+            "state table with --state-table."
+        ) from err
+    except (StateTableError, LookupError, ValueError) as err:
+        raise StatusError(str(err)) from err
+
+
+class StatusError(RuntimeError):
+    """An expected failure of the status command, printed without a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _connect(args) as conn:
-        try:
-            names = [args.name] if args.name else StateStore(conn, args.state_table).list_names()
-            statuses = [read_status(conn, args.state_table, name) for name in names]
-        except (StateTableError, LookupError, psycopg.errors.UndefinedTable) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    try:
+        statuses = _read_statuses(args)
+    except StatusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(statuses, indent=2, default=str))
     elif not statuses:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from airflow_audit_export.cli import main
 from airflow_audit_export.state import ExportState
 from airflow_audit_export.status import describe_state, format_status
 
@@ -68,3 +69,29 @@ def test_status_text_shows_key_epoch():
 
     assert "cursor: 1000 (key epoch 2)" in text
     assert "key epoch" not in plain
+
+
+def test_status_command_without_state_table(pg_cluster, database, capsys):
+    code = main(["status", "--dsn", pg_cluster.uri(database), "--state-table", "public.missing_state"])
+    error = capsys.readouterr().err
+
+    assert code == 1
+    assert "State table 'public.missing_state' does not exist" in error
+    assert "the anchor task has not run yet" in error
+
+
+def test_status_command_rejects_other_table(pg_cluster, database, capsys):
+    code = main(["status", "--dsn", pg_cluster.uri(database), "--state-table", "public.audit"])
+    error = capsys.readouterr().err
+
+    assert code == 1
+    assert "'public.audit' is not an export state table" in error
+
+
+def test_status_command_names_missing_connection(capsys):
+    code = main(["status", "--conn-id", "no_such_source"])
+    error = capsys.readouterr().err
+
+    assert code == 1
+    assert "Connection 'no_such_source' is not defined" in error
+    assert "AIRFLOW_CONN_NO_SUCH_SOURCE" in error
