@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-full demo clean
+.PHONY: install test test-full demo clean stress
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test-full: install
 
 demo: install
 	$(BIN)/python -m airflow_audit_export.testing.demo
+
+# 1000 seeded random interleavings of writers and export runs (not part of `make test`): make stress
+stress: install
+	$(BIN)/python -m airflow_audit_export.testing.interleavings --count 1000 --seed-start 1000
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache *.egg-info

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
+from psycopg import sql
 
 from airflow_audit_export.observation import anchor_floor, read_system_identifier, take_observation
-from airflow_audit_export.source import describe_source
+from airflow_audit_export.source import SourceTable, describe_source
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.state import ExportState, StateStore
 
@@ -49,7 +50,7 @@ def anchor_export(conn: psycopg.Connection, settings: ExportSettings, *, force: 
     """
     store = StateStore(conn, settings.state_table)
     with store.locked(settings.name, settings.lock_wait):
-        describe_source(conn, settings)
+        table = describe_source(conn, settings)
         store.ensure_table()
         state = store.load(settings.name)
         system_identifier = read_system_identifier(conn)
@@ -73,7 +74,7 @@ def anchor_export(conn: psycopg.Connection, settings: ExportSettings, *, force: 
                 floor_trusted=state.cursor_floor_trusted,
                 floor_untrusted_reason=state.floor_untrusted_reason,
             )
-        return _reanchor(conn, store, settings, state, system_identifier, reason, history_changed)
+        return _reanchor(conn, store, settings, table, state, system_identifier, reason, history_changed)
 
 
 def _create_anchor(
@@ -159,6 +160,7 @@ def _reanchor(
     conn: psycopg.Connection,
     store: StateStore,
     settings: ExportSettings,
+    table: SourceTable,
     state: ExportState,
     system_identifier: str | None,
     reason: str,
@@ -170,9 +172,16 @@ def _reanchor(
     )
     new_cursor = observation.xmin if history_changed else max(observation.xmin, state.cursor_xid)
 
+    # A row skipped by the new cursor can carry an application-set timestamp after the
+    # re-anchor, so the gap reaches past the latest such timestamp.
+    gap_to = observation.taken_at
+    latest = _latest_timestamp_from(conn, table, observation.taken_at)
+    if latest is not None:
+        gap_to = max(gap_to, latest + timedelta(microseconds=1))
+
     gap = {
         "from": state.cursor_floor.isoformat(),
-        "to": observation.taken_at.isoformat(),
+        "to": gap_to.isoformat(),
         "reason": reason,
         "old_cursor": state.cursor_xid,
         "new_cursor": new_cursor,
@@ -217,3 +226,12 @@ def _reanchor(
         floor_untrusted_reason=untrusted_reason,
         gap=gap,
     )
+
+
+def _latest_timestamp_from(conn: psycopg.Connection, table: SourceTable, start: datetime) -> datetime | None:
+    """Return the latest timestamp at or after ``start`` in the main table, read backwards on its timestamp index."""
+    query = sql.SQL("SELECT {ts} FROM {table} WHERE {ts} >= %s ORDER BY {ts} DESC LIMIT 1").format(
+        ts=sql.Identifier(table.timestamp_column), table=table.identifier
+    )
+    row = conn.execute(query, (start,)).fetchone()
+    return row[0] if row else None

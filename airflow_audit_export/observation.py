@@ -74,6 +74,8 @@ WHERE database = current_database()
 ORDER BY prepared
 """
 
+ASSIGN_XID_QUERY = "SELECT pg_current_xact_id()::text::bigint"
+
 
 @dataclasses.dataclass(frozen=True)
 class PreparedTransaction:
@@ -157,9 +159,13 @@ def take_observation(
     read_at, oldest_xact_start, without_start, untracked, can_read_stats, oldest_transaction = activity
 
     prepared = tuple(PreparedTransaction(*row) for row in conn.execute(PREPARED_QUERY).fetchall())
+    # Rows a prepared transaction wrote inside a savepoint carry subtransaction xids, which
+    # pg_prepared_xacts does not list and which can lie above the snapshot's xmax. An xid
+    # assigned after the prepared list was read is above every one of them.
+    assigned_xid = conn.execute(ASSIGN_XID_QUERY).fetchone()[0] if prepared else None
     snapshot_xmin, snapshot_xmax, taken_at = conn.execute(SNAPSHOT_QUERY).fetchone()
     prepared_xids = [widen_xid(p.xid32, snapshot_xmax) for p in prepared]
-    xmax = max([snapshot_xmax, *(xid + 1 for xid in prepared_xids)])
+    xmax = max([snapshot_xmax, *(xid + 1 for xid in prepared_xids), *([assigned_xid] if prepared else [])])
 
     reason = None
     if not can_read_stats:
