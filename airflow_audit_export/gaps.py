@@ -34,7 +34,7 @@ def find_gap(conn: psycopg.Connection, settings: ExportSettings, window: Window)
 
 
 def mark_gap_backfill(conn: psycopg.Connection, settings: ExportSettings, window: Window, outcome: dict) -> bool:
-    """Record a finished backfill on the matching gap; return ``False`` when no gap matches the window."""
+    """Record a finished backfill on every gap with this window; return ``False`` when no gap matches."""
     store = StateStore(conn, settings.state_table)
     if not store.exists():
         return False
@@ -45,7 +45,8 @@ def mark_gap_backfill(conn: psycopg.Connection, settings: ExportSettings, window
         gaps = []
         matched = False
         for gap in state.gaps:
-            if not matched and gap_window(gap) == window:
+            # Re-anchors in quick succession can record the same window twice; one backfill covers both.
+            if gap_window(gap) == window:
                 gap = {**gap, "backfill": "done", "backfill_result": outcome}
                 matched = True
             gaps.append(gap)
