@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-full demo clean stress
+.PHONY: install test test-full demo clean bench stress
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,13 @@ test-full: install
 
 demo: install
 	$(BIN)/python -m airflow_audit_export.testing.demo
+
+# Benchmarks (not part of `make test`): make bench BENCH_ARGS="--sizes 20000 --steady-sizes 20000,100000"
+BENCH_ARGS ?=
+
+bench: install
+	$(BIN)/pip install --quiet --editable '.[test,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # 1000 seeded random interleavings of writers and export runs (not part of `make test`): make stress
 stress: install

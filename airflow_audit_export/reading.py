@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -21,6 +24,8 @@ from airflow_audit_export.planning import SliceWidth
 from airflow_audit_export.source import SourceTable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: 2**32: row ``xmin`` values are 32-bit and wrap around.
 XID_MODULUS = 4294967296
@@ -92,6 +97,8 @@ def build_page_query(
             )
         )
 
+    # TODO: row_to_json copies a plain json column's text verbatim, so a raw newline inside it
+    # breaks the one-document-per-line format; jsonb columns are re-serialized and unaffected.
     return sql.SQL(
         "SELECT {ts}, {id}::text, row_to_json(doc)::text "
         "FROM {table} AS {t} {joins} "
@@ -219,3 +226,69 @@ class XminRangeReader:
 
 class _SliceTooWide(Exception):
     """Internal signal: the slice was cancelled and must be retried narrower from the same position."""
+
+
+_ITEM, _DONE, _ERROR = "item", "done", "error"
+#: Seconds between checks of the stop flag while the producer waits for a free slot.
+_SLOT_POLL_SECONDS = 0.1
+
+
+def read_ahead(items: Iterator[T], *, depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
+    """Yield the items of ``items`` while a background thread already produces up to ``depth`` more.
+
+    Used to run the next page's statement while the caller compresses and
+    uploads the previous page: psycopg waits for the server and zlib
+    compresses without holding the GIL, so the two overlap on separate cores.
+    At most ``depth + 1`` items exist at once: the one the caller holds, and
+    the ones produced or being produced. The producer starts an item only
+    when a slot is free, and the caller frees its slot when it requests the
+    next item.
+
+    ``items`` runs entirely in the thread, so nothing else may use its
+    connection until this generator is exhausted or closed. An exception in
+    ``items`` is raised here, in the caller's thread. When the caller stops
+    early, the producer finishes its current item (one statement at most),
+    then stops and is joined before this generator returns.
+    """
+    produced: queue.SimpleQueue = queue.SimpleQueue()
+    slots = threading.Semaphore(depth + 1)
+    stop = threading.Event()
+
+    def take_slot() -> bool:
+        while not stop.is_set():
+            if slots.acquire(timeout=_SLOT_POLL_SECONDS):
+                return True
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            while take_slot():
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    produced.put((_DONE, None))
+                    return
+                produced.put((_ITEM, item))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer's thread
+            produced.put((_ERROR, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name=name, daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = produced.get()
+            if kind == _DONE:
+                return
+            if kind == _ERROR:
+                raise value
+            yield value
+            del value
+            slots.release()
+    finally:
+        stop.set()
+        producer.join()
