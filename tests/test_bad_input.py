@@ -337,8 +337,9 @@ SPECIFIC_CASES = [
     (
         "plan",
         "window-in-future",
-        {"window_from": utc_midnight(-1).isoformat(), "window_to": utc_midnight(-2).isoformat()},
-        (utc_midnight(-1).isoformat(), "is in the future", "audit_export DAG"),
+        # Two days ahead, so the window stays in the future when the run crosses UTC midnight.
+        {"window_from": utc_midnight(-2).isoformat(), "window_to": utc_midnight(-3).isoformat()},
+        (utc_midnight(-2).isoformat(), "is in the future", "audit_export DAG"),
     ),
     (
         "plan",
