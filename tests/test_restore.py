@@ -172,17 +172,22 @@ def insert_one_per_transaction(cluster: PostgresCluster, database: str, count: i
         return [insert_rows(writer, 1, workspace=workspace)[0] for _ in range(count)]
 
 
+def create_app_database(cluster: PostgresCluster) -> str:
+    """Create database ``app`` with the reference schema around today and the export role."""
+    cluster.create_database("app")
+    with cluster.connect("app") as owner:
+        today = owner.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()[0]
+        create_reference_schema(owner, first_day=today - timedelta(days=2), last_day=today + timedelta(days=2))
+        apply_export_role(owner)
+    return "app"
+
+
 def test_base_backup_restore_moves_key_epoch(source_cluster, settings, tmp_path):
     # A small max_xid_interval makes both copies plan the same first range [cursor, cursor + 40),
     # so without the lineage marker the restored copy would overwrite the source's objects.
     settings = dataclasses.replace(settings, max_xid_interval=40)
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
-    database = "app"
-    source_cluster.create_database(database)
-    with source_cluster.connect(database) as owner:
-        today = owner.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()[0]
-        create_reference_schema(owner, first_day=today - timedelta(days=2), last_day=today + timedelta(days=2))
-        apply_export_role(owner)
+    database = create_app_database(source_cluster)
 
     source_conn = exporter(source_cluster, database)
     anchor_export(source_conn, settings)
@@ -233,12 +238,7 @@ def test_base_backup_restore_moves_key_epoch(source_cluster, settings, tmp_path)
 def test_running_clone_never_overwrites_objects(source_cluster, settings, tmp_path):
     settings = dataclasses.replace(settings, max_xid_interval=40)
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
-    database = "app"
-    source_cluster.create_database(database)
-    with source_cluster.connect(database) as owner:
-        today = owner.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()[0]
-        create_reference_schema(owner, first_day=today - timedelta(days=2), last_day=today + timedelta(days=2))
-        apply_export_role(owner)
+    database = create_app_database(source_cluster)
     source_conn = exporter(source_cluster, database)
     anchor_export(source_conn, settings)
     drain(source_conn, settings, destination)
