@@ -277,6 +277,30 @@ def test_scheduled_export_and_backfill(start_stack, start_row_writer):
 
 
 @pytest.mark.timeout(600)
+def pause_between_runs(stack: AirflowStack, dag_id: str, *, timeout: float) -> datetime:
+    """Pause ``dag_id`` while none of its runs is running, and return when it was paused.
+
+    The scheduler starts no further task of a paused DAG, so a run caught between its anchor and
+    export tasks would wait for the unpause and then export the backlog without re-anchoring.
+    Such a run is let finish unpaused, and the pause is tried again.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stack.set_paused(dag_id, True)
+        paused_at = datetime.now(timezone.utc)
+        # A run that the scheduler moved to running in the same moment shows up on the second read.
+        time.sleep(3)
+        if not stack.dag_runs(dag_id, state=["running"]):
+            return paused_at
+        assert time.monotonic() < deadline, f"{dag_id} always had a running run when paused"
+        stack.set_paused(dag_id, False)
+        stack.wait_for(
+            "the run running at the pause to finish",
+            lambda: not stack.dag_runs(dag_id, state=["running"]),
+            timeout=NEXT_RUN_TIMEOUT,
+        )
+
+
 def test_pause_reanchors_and_backfills_gap(start_stack, start_row_writer):
     clock = PhaseClock("pause and unpause")
     with clock.phase("stack start"):
@@ -296,19 +320,12 @@ def test_pause_reanchors_and_backfills_gap(start_stack, start_row_writer):
             wait_for_scheduled_success(
                 stack, started_after=unpaused_at, what="the first scheduled run", timeout=FIRST_RUN_TIMEOUT
             )
-        stack.set_paused("audit_export", True)
-        paused_at = datetime.now(timezone.utc)
+        paused_at = pause_between_runs(stack, "audit_export", timeout=3 * NEXT_RUN_TIMEOUT)
         first_anchor = stack.read_state()
         assert first_anchor is not None, "The first successful run left no state row"
 
         with clock.phase("paused"):
-            # A running run finishes although the DAG is paused, so wait for it. A run still queued at the
-            # pause only starts after the unpause, so it counts as a run after the unpause.
-            stack.wait_for(
-                "the runs running at the pause to finish",
-                lambda: not stack.dag_runs("audit_export", state=["running"]),
-                timeout=NEXT_RUN_TIMEOUT,
-            )
+            # A run still queued at the pause only starts after the unpause, so it counts as a run after it.
             fail_on_failed_runs(stack, "audit_export")
             runs_before_unpause = {
                 run["dag_run_id"] for run in stack.dag_runs("audit_export") if run["state"] != "queued"
