@@ -264,3 +264,23 @@ def describe_source(conn: psycopg.Connection, settings: ExportSettings) -> Sourc
         id_column=settings.id_column,
         columns=settings.columns,
     )
+
+
+def describe_backfill_sources(conn: psycopg.Connection, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
+    """Describe the main table and, when configured, the legacy table, which must have the main table's columns.
+
+    Returns ``(source, table)`` pairs, where ``source`` is ``main`` or ``legacy`` as in backfill object keys.
+    """
+    main = describe_source(conn, settings)
+    tables = [("main", main)]
+    if settings.legacy_table:
+        legacy = describe_table(
+            conn,
+            settings.legacy_table,
+            timestamp_column=settings.timestamp_column,
+            id_column=settings.id_column,
+            columns=main.columns,
+            what="legacy_table",
+        )
+        tables.append(("legacy", legacy))
+    return tables

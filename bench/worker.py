@@ -78,12 +78,12 @@ def measure_limit(config: dict) -> dict:
     import psycopg
     from psycopg import sql
 
-    from airflow_audit_export.source import configure_connection
+    from airflow_audit_export.source import configure_connection, describe_backfill_sources
 
     rows = 0
     with psycopg.connect(config["dsn"]) as conn, open(config["output"], "wb") as out:
         configure_connection(conn)
-        tables = _source_tables(conn, config)
+        tables = describe_backfill_sources(conn, _settings(config))
         started, started_cpu, started_server = time.monotonic(), time.process_time(), backend_cpu_seconds(conn)
         for _, table in tables:
             ts = sql.SQL("t.{}").format(sql.Identifier(table.timestamp_column))
@@ -134,26 +134,6 @@ def _settings(config: dict):
     )
 
 
-def _source_tables(conn, config: dict) -> list:
-    """Describe the main table and the legacy table as ``(source, table)`` pairs, as the backfill operators do."""
-    from airflow_audit_export.source import describe_source, describe_table
-
-    settings = _settings(config)
-    main = describe_source(conn, settings)
-    tables = [("main", main)]
-    if settings.legacy_table:
-        legacy = describe_table(
-            conn,
-            settings.legacy_table,
-            timestamp_column=settings.timestamp_column,
-            id_column=settings.id_column,
-            columns=main.columns,
-            what="legacy_table",
-        )
-        tables.append(("legacy", legacy))
-    return tables
-
-
 def measure_backfill(config: dict) -> dict:
     """Backfill the window with ``plan_ranges``, ``export_range`` per range and ``write_manifest``.
 
@@ -167,7 +147,7 @@ def measure_backfill(config: dict) -> dict:
     from airflow_audit_export.backfilling import export_range, write_manifest
     from airflow_audit_export.operators.backfill import DEFAULT_MAX_RANGES
     from airflow_audit_export.ranges import plan_ranges
-    from airflow_audit_export.source import open_connection
+    from airflow_audit_export.source import describe_backfill_sources, open_connection
     from airflow_audit_export.window import parse_window
     from airflow_audit_export.writing import parse_destination
 
@@ -180,7 +160,7 @@ def measure_backfill(config: dict) -> dict:
     connections = [open_connection(SOURCE_CONN_ID) for _ in range(range_workers)]
     try:
         # Connecting, checking the tables and creating the S3 client are setup, so the clock starts after them.
-        tables = _source_tables(connections[0], config)
+        tables = describe_backfill_sources(connections[0], settings)
         destination.check_writable()
         idle: queue.Queue = queue.Queue()
         for conn in connections:

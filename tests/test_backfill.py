@@ -36,7 +36,7 @@ from airflow_audit_export.operators.backfill import (
 )
 from airflow_audit_export.ranges import PageRange, plan_ranges
 from airflow_audit_export.settings import ExportSettings
-from airflow_audit_export.source import SourceTable, configure_connection, describe_source, describe_table
+from airflow_audit_export.source import configure_connection, describe_backfill_sources, describe_source
 from airflow_audit_export.testing.schema import EXPORT_ROLE, insert_rows
 from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_window
 from airflow_audit_export.writing import LocalDestination, parse_destination
@@ -114,23 +114,6 @@ def insert_at(conn: psycopg.Connection, timestamps: list[datetime], *, table: st
     return [row[0] for row in conn.execute(query, (timestamps,)).fetchall()]
 
 
-def source_tables(conn: psycopg.Connection, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
-    """Describe the main table and, when configured, the legacy table with the main table's columns."""
-    main = describe_source(conn, settings)
-    tables = [("main", main)]
-    if settings.legacy_table:
-        legacy = describe_table(
-            conn,
-            settings.legacy_table,
-            timestamp_column=settings.timestamp_column,
-            id_column=settings.id_column,
-            columns=main.columns,
-            what="legacy_table",
-        )
-        tables.append(("legacy", legacy))
-    return tables
-
-
 def export_one_range(conn, tables, destination, settings: ExportSettings, window: Window, page_range: PageRange) -> dict:
     return export_range(
         conn,
@@ -156,7 +139,7 @@ def backfill_window(
 ) -> tuple[list[PageRange], dict]:
     """Run the three backfill steps with the library functions, and return the planned ranges and the summary."""
     check_window_settled(conn, settings, window)
-    tables = source_tables(conn, settings)
+    tables = describe_backfill_sources(conn, settings)
     ranges = plan_ranges(conn, [table for _, table in tables], window, max_ranges)
     results = [export_one_range(conn, tables, destination, settings, window, r) for r in ranges]
     return ranges, write_manifest(destination, settings.name, window, results)
@@ -607,7 +590,7 @@ def test_backfill_range_retry(connect, exporter_conn, backfill_settings, tmp_pat
     writer.execute("ANALYZE audit")
     settings = dataclasses.replace(backfill_settings, rows_per_object=5)
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
-    tables = source_tables(exporter_conn, settings)
+    tables = describe_backfill_sources(exporter_conn, settings)
     ranges = plan_ranges(exporter_conn, [table for _, table in tables], window, DEFAULT_MAX_RANGES)
     assert len(ranges) == 3
 
@@ -704,7 +687,7 @@ def test_plan_five_years(connect, exporter_conn, backfill_settings):
     insert_rows(writer, 200, table="audit", start=end - timedelta(days=4 * 365), end=end - timedelta(days=2 * 365))
     writer.execute("ANALYZE audit_partitioned")
     writer.execute("ANALYZE audit")
-    tables = [table for _, table in source_tables(exporter_conn, backfill_settings)]
+    tables = [table for _, table in describe_backfill_sources(exporter_conn, backfill_settings)]
 
     started = time.monotonic()
     ranges = plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES)
@@ -816,7 +799,7 @@ def test_backfill_dag_range_labels(backfill_airflow_db, pg_cluster, database, co
     insert_at(writer, [window.start - timedelta(microseconds=1), window.end])
     writer.execute("ANALYZE audit_partitioned")
     writer.execute("ANALYZE audit")
-    tables = [table for _, table in source_tables(exporter_conn, backfill_settings)]
+    tables = [table for _, table in describe_backfill_sources(exporter_conn, backfill_settings)]
     expected_labels = [r.label for r in plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES)]
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
     conf = {"from": start.isoformat(), "to": window.end.isoformat(), "page_rows": 50}

@@ -19,7 +19,7 @@ from airflow_audit_export.operators.base import (
 )
 from airflow_audit_export.ranges import plan_ranges
 from airflow_audit_export.settings import ExportSettings
-from airflow_audit_export.source import SourceTable, describe_source, describe_table
+from airflow_audit_export.source import describe_backfill_sources
 from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_instant, parse_window
 from airflow_audit_export.writing import parse_destination
 
@@ -33,23 +33,6 @@ RANGE_RETRY_NOTE = (
     "The task can be retried: it writes the range's objects again under the same keys with the same bytes."
 )
 SUMMARY_RETRY_NOTE = "The task can be retried: it writes the same manifest again."
-
-
-def _source_tables(conn, settings: ExportSettings) -> list[tuple[str, SourceTable]]:
-    """Describe the main table and, when configured, the legacy table, which must have the same columns."""
-    main = describe_source(conn, settings)
-    tables = [("main", main)]
-    if settings.legacy_table:
-        legacy = describe_table(
-            conn,
-            settings.legacy_table,
-            timestamp_column=settings.timestamp_column,
-            id_column=settings.id_column,
-            columns=main.columns,
-            what="legacy_table",
-        )
-        tables.append(("legacy", legacy))
-    return tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +209,7 @@ class BackfillWindowOperator(_BackfillBase):
 
             with source_connection(self.postgres_conn_id, retry_note=PLAN_RETRY_NOTE) as conn:
                 check_state_table(conn, settings)
-                tables = _source_tables(conn, settings)
+                tables = describe_backfill_sources(conn, settings)
                 gap = find_gap(conn, settings, window)
                 if gap is None:
                     largest_to = check_window_settled(conn, settings, window)
@@ -295,7 +278,7 @@ class BackfillRangeOperator(_BackfillBase):
 
             with source_connection(self.postgres_conn_id, retry_note=RANGE_RETRY_NOTE) as conn:
                 check_state_table(conn, settings)
-                tables = _source_tables(conn, settings)
+                tables = describe_backfill_sources(conn, settings)
                 destination.check_writable()
                 result = export_range(
                     conn,
@@ -348,7 +331,7 @@ class BackfillSummaryOperator(_BackfillBase):
             with source_connection(self.postgres_conn_id, retry_note=SUMMARY_RETRY_NOTE) as conn:
                 # Every input is checked before the manifest is written, so a rejected task writes nothing.
                 check_state_table(conn, settings)
-                _source_tables(conn, settings)
+                describe_backfill_sources(conn, settings)
                 destination.check_writable()
                 summary = write_manifest(destination, settings.name, window, results)
                 if mark_gap_backfill(conn, settings, window, {"manifest": summary["manifest"], "rows": summary["rows"]}):
