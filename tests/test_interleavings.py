@@ -33,9 +33,9 @@ from airflow_audit_export.testing.interleavings import (
     summary_line,
 )
 
-#: Seeds whose histories once failed: 22 lost a row stamped after a re-anchor time, which the gap
-#: did not cover, 1386 lost rows that a prepared transaction wrote inside a savepoint, and 1114
-#: left the second of two gaps with the same window unmarked after its backfill.
+#: Seeds whose histories once failed. Seed 22 lost a row stamped after a re-anchor time, which the
+#: gap did not cover. Seed 1386 lost rows that a prepared transaction wrote inside a savepoint.
+#: Seed 1114 left the second of two gaps with the same window unmarked after its backfill.
 REGRESSION_SEEDS = (22, 1114, 1386)
 
 SEEDS = list(range(1, 51))

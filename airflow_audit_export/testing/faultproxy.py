@@ -1,6 +1,6 @@
 """Fault-injecting HTTP forwarder for tests, on 127.0.0.1 in front of a loopback server such as moto.
 
-The proxy forwards every request unchanged. When a test asks, it returns an
+The proxy forwards every request unchanged. On a test's request, it returns an
 error status for the next matching requests instead of forwarding them, or
 delays the upstream response, so tests can check how a client retries and
 what it reports once its retries run out.
@@ -23,7 +23,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 UPSTREAM_TIMEOUT_SECONDS = 30
 
 #: Headers that apply to one connection only, so the proxy never forwards them. ``Expect: 100-continue``
-#: is among them because the proxy answers it itself and sends the upstream the whole body at once.
+#: is among them because the proxy sends the 100 Continue response itself and sends the upstream the whole body at once.
 HOP_BY_HOP_HEADERS = frozenset(
     (
         "connection",
