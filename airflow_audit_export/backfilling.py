@@ -280,16 +280,12 @@ def _publish_or_discard(destination, staged, day, name, window, source, first_id
 
 
 def _write_documents(staged: StagedObject, documents: list[str]) -> None:
-    """Append documents to a staged object as NDJSON lines, with one write per block of documents.
+    """Append documents to a staged object as NDJSON lines, one write per block of ``WRITE_BLOCK_ROWS``.
 
-    ``StagedObject.write`` appends its argument and a newline and counts one
-    row, so a joined block gives the same bytes, and the count is corrected.
-    Blocks of ``WRITE_BLOCK_ROWS`` keep the joined copies small.
+    The blocks keep the joined copies small.
     """
     for first in range(0, len(documents), WRITE_BLOCK_ROWS):
-        block = documents[first : first + WRITE_BLOCK_ROWS]
-        staged.write("\n".join(block))
-        staged.rows += len(block) - 1
+        staged.write_many(documents[first : first + WRITE_BLOCK_ROWS])
 
 
 def _publish(destination, staged, day, name, window, source, first_id, compression) -> dict:

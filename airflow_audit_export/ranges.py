@@ -16,6 +16,9 @@ from airflow_audit_export.window import Window
 #: Upper bound on estimate statements per table. Longer windows are estimated in chunks of whole days.
 MAX_ESTIMATE_BUCKETS = 366
 
+#: Pages of estimated rows that a backfill range contains at least, when the window has that many.
+MIN_PAGES_PER_RANGE = 10
+
 
 @dataclasses.dataclass(frozen=True)
 class PageRange:
@@ -75,28 +78,41 @@ def estimate_rows(conn: psycopg.Connection, table: SourceTable, start: datetime,
 
 
 def plan_ranges(
-    conn: psycopg.Connection, tables: list[SourceTable], window: Window, max_ranges: int
+    conn: psycopg.Connection,
+    tables: list[SourceTable],
+    window: Window,
+    max_ranges: int,
+    *,
+    min_range_rows: int = 0,
 ) -> list[PageRange]:
     """Split the window into at most ``max_ranges`` contiguous ranges with similar estimated rows.
 
     Every boundary between two ranges is a UTC midnight, so objects, which are
     cut by row count from the start of each day, come out the same whatever
-    the split.
+    the split. With ``min_range_rows``, the window gets no more ranges than
+    its estimated rows divided by ``min_range_rows`` (at least one). Each
+    range becomes a mapped task, whose start costs seconds of Airflow time,
+    so a small window gains nothing from many ranges.
     """
     if max_ranges < 1:
         raise ValueError(f"Invalid max_ranges {max_ranges!r}: expected a positive integer.")
+    if min_range_rows < 0:
+        raise ValueError(f"Invalid min_range_rows {min_range_rows!r}: expected zero or a positive integer.")
 
     buckets = day_buckets(window)
     estimates = [sum(estimate_rows(conn, table, start, end) for table in tables) for start, end in buckets]
+    count = min(max_ranges, len(buckets))
+    if min_range_rows:
+        count = min(count, max(1, sum(estimates) // min_range_rows))
     # One extra unit per bucket spreads an empty or unanalyzed window evenly over time.
     weights = [estimate + 1 for estimate in estimates]
     total = sum(weights)
-    share = total / min(max_ranges, len(buckets))
+    share = total / count
 
     groups: list[list[int]] = []
     cumulative = 0
     for position, weight in enumerate(weights):
-        group = min(int((cumulative + weight / 2) / share), max_ranges - 1)
+        group = min(int((cumulative + weight / 2) / share), count - 1)
         if not groups or group > groups[-1][0]:
             groups.append([group, position, position])
         else:

@@ -128,7 +128,10 @@ class Bench:
 
     def run(self, task: str, database: BenchDatabase, **config) -> dict:
         env = {**self.base_env, f"AIRFLOW_CONN_{SOURCE_CONN_ID.upper()}": self.cluster.uri(database.name, user=EXPORT_ROLE)}
+        # The S3 server runs in this process, so this process's CPU time during a run is mostly the server's.
+        started_cpu = time.process_time()
         result = run_worker(task, {**self.worker_config(database), **config}, env=env, log_path=self.log_path)
+        result["s3_server_cpu_seconds"] = time.process_time() - started_cpu
         log.info("%s on %s rows: %.1f s, peak RSS %.0f MiB", task, database.total_rows, result["seconds"],
                  result["peak_rss_bytes"] / 2**20)  # fmt: skip
         return result
@@ -224,6 +227,7 @@ def _summarize(results: list[dict]) -> dict:
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
         "worker_cpu_seconds": statistics.median(r["worker_cpu_seconds"] for r in results),
         "server_cpu_seconds": statistics.median(r["server_cpu_seconds"] for r in results),
+        "s3_server_cpu_seconds": statistics.median(r["s3_server_cpu_seconds"] for r in results),
     }
     for name in ("objects", "bytes", "ranges"):
         if name in results[0]:

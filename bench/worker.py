@@ -10,8 +10,8 @@ Tasks:
   ``COPY (SELECT row_to_json(...) ...) TO STDOUT`` per table, and the worker
   writes them to a local file.
 - ``backfill``: the product's backfill path: ``plan_ranges``, then
-  ``export_range`` for each range (``range_workers`` at a time), then
-  ``write_manifest``.
+  ``export_range`` for each range in ``range_workers`` range processes,
+  then ``write_manifest``.
 - ``peer``: the amazon provider's ``SqlToS3Operator`` on the same rows.
 """
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULT_PREFIX = "RESULT "
@@ -137,16 +136,21 @@ def _settings(config: dict):
 def measure_backfill(config: dict) -> dict:
     """Backfill the window with ``plan_ranges``, ``export_range`` per range and ``write_manifest``.
 
-    This is what the backfill DAG's three tasks run. ``range_workers`` ranges
-    are exported at the same time, each by a thread with its own connection,
-    as the DAG's mapped range tasks run side by side
-    (``AUDIT_BACKFILL_MAX_ACTIVE_RANGES``). The Airflow task around each range
-    (its process, connection and table checks) is left out, so the figures
-    are the export's own.
+    This is what the backfill DAG's three tasks run. The ranges are exported
+    by ``range_workers`` range processes at a time, each with its own
+    connection, as Airflow runs each mapped range task in a process of its
+    own (``AUDIT_BACKFILL_MAX_ACTIVE_RANGES`` of them side by side). This
+    process plans the ranges and writes the manifest, as the DAG's ``plan``
+    and ``summary`` tasks do. The Airflow task around each range (its
+    process start, connection and table checks) is left out: every range
+    process is set up before the clock starts, so the figures are the
+    export's own. Peak RSS is the largest of all the processes.
     """
-    from airflow_audit_export.backfilling import export_range, write_manifest
+    import multiprocessing
+
+    from airflow_audit_export.backfilling import write_manifest
     from airflow_audit_export.operators.backfill import DEFAULT_MAX_RANGES
-    from airflow_audit_export.ranges import plan_ranges
+    from airflow_audit_export.ranges import MIN_PAGES_PER_RANGE, plan_ranges
     from airflow_audit_export.source import describe_backfill_sources, open_connection
     from airflow_audit_export.window import parse_window
     from airflow_audit_export.writing import parse_destination
@@ -156,48 +160,31 @@ def measure_backfill(config: dict) -> dict:
     destination = parse_destination(config["destination"], aws_conn_id=S3_CONN_ID)
     range_workers = config["range_workers"]
 
-    # The backfill operators open their connections the same way, through the Airflow postgres provider.
-    connections = [open_connection(SOURCE_CONN_ID) for _ in range(range_workers)]
-    try:
-        # Connecting, checking the tables and creating the S3 client are setup, so the clock starts after them.
-        tables = describe_backfill_sources(connections[0], settings)
+    # Spawned processes import everything afresh, as an Airflow task process does, so their RSS is their own.
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(range_workers + 1)
+    with open_connection(SOURCE_CONN_ID) as conn, ProcessPoolExecutor(
+        max_workers=range_workers, mp_context=context, initializer=_start_range_process, initargs=(config, ready)
+    ) as pool:
+        tables = [table for _, table in describe_backfill_sources(conn, settings)]
         destination.check_writable()
-        idle: queue.Queue = queue.Queue()
-        for conn in connections:
-            idle.put(conn)
+        # Every range process must be set up before the clock starts: one waiting call per process holds each
+        # of them at the barrier, so no process can take two of these calls.
+        setups = [pool.submit(_range_process_ready) for _ in range(range_workers)]
+        ready.wait(timeout=RANGE_PROCESS_SETUP_SECONDS)
+        setup_rss = max([own_rss_bytes("VmRSS")] + [setup.result() for setup in setups])
 
-        def export_one(page_range) -> dict:
-            conn = idle.get()
-            try:
-                return export_range(
-                    conn,
-                    tables,
-                    destination,
-                    name=settings.name,
-                    window=window,
-                    start=page_range.start,
-                    end=page_range.end,
-                    page_rows=settings.page_rows,
-                    rows_per_object=settings.rows_per_object,
-                    compression=settings.compression,
-                )
-            finally:
-                idle.put(conn)
-
-        setup_rss = own_rss_bytes("VmRSS")
         started, started_cpu = time.monotonic(), time.process_time()
-        started_server = sum(backend_cpu_seconds(conn) for conn in connections)
-        ranges = plan_ranges(connections[0], [table for _, table in tables], window, DEFAULT_MAX_RANGES)
+        started_server = backend_cpu_seconds(conn)
+        min_range_rows = MIN_PAGES_PER_RANGE * settings.page_rows
+        ranges = plan_ranges(conn, tables, window, DEFAULT_MAX_RANGES, min_range_rows=min_range_rows)
         planned = time.monotonic()
-        with ThreadPoolExecutor(max_workers=range_workers, thread_name_prefix="range") as pool:
-            results = list(pool.map(export_one, ranges))
+        exported_ranges = list(pool.map(_export_one_range, [(r.start.isoformat(), r.end.isoformat()) for r in ranges]))
         exported = time.monotonic()
-        summary = write_manifest(destination, settings.name, window, results)
+        summary = write_manifest(destination, settings.name, window, [e["result"] for e in exported_ranges])
         finished = time.monotonic()
-        server_cpu = sum(backend_cpu_seconds(conn) for conn in connections) - started_server
-    finally:
-        for conn in connections:
-            conn.close()
+        own_cpu = time.process_time() - started_cpu
+        own_server_cpu = backend_cpu_seconds(conn) - started_server
     return {
         "rows": summary["rows"],
         "objects": summary["objects"],
@@ -205,13 +192,79 @@ def measure_backfill(config: dict) -> dict:
         "ranges": summary["ranges"],
         "range_workers": range_workers,
         "setup_rss_bytes": setup_rss,
+        "range_peak_rss_bytes": max(e["peak_rss_bytes"] for e in exported_ranges),
+        "coordinator_peak_rss_bytes": own_rss_bytes(),
         "manifest": summary["manifest"],
         "seconds": finished - started,
         "plan_seconds": planned - started,
         "export_seconds": exported - planned,
         "manifest_seconds": finished - exported,
-        "worker_cpu_seconds": time.process_time() - started_cpu,
-        "server_cpu_seconds": server_cpu,
+        "worker_cpu_seconds": own_cpu + sum(e["cpu_seconds"] for e in exported_ranges),
+        "server_cpu_seconds": own_server_cpu + sum(e["server_cpu_seconds"] for e in exported_ranges),
+    }
+
+
+#: How long the range processes and the backfill process wait for each other to be set up.
+RANGE_PROCESS_SETUP_SECONDS = 300
+
+#: State of one range process, kept between the ranges it exports: its connection, tables, destination and settings.
+_range_process: dict = {}
+
+
+def _start_range_process(config: dict, ready) -> None:
+    """Set up a range process as a range task sets itself up: connection, table checks and destination.
+
+    ``ready`` is a barrier, which a spawned process can only receive here, at its start.
+    """
+    from airflow_audit_export.source import describe_backfill_sources, open_connection
+    from airflow_audit_export.window import parse_window
+    from airflow_audit_export.writing import parse_destination
+
+    settings = _settings(config)
+    conn = open_connection(SOURCE_CONN_ID)
+    destination = parse_destination(config["destination"], aws_conn_id=S3_CONN_ID)
+    destination.check_writable()
+    _range_process.update(
+        ready=ready,
+        conn=conn,
+        tables=describe_backfill_sources(conn, settings),
+        destination=destination,
+        settings=settings,
+        window=parse_window(config["window_from"], config["window_to"]),
+    )
+
+
+def _range_process_ready() -> int:
+    _range_process["ready"].wait(timeout=RANGE_PROCESS_SETUP_SECONDS)
+    return own_rss_bytes("VmRSS")
+
+
+def _export_one_range(bounds: tuple[str, str]) -> dict:
+    """Export one range in this range process and return its result, CPU times and this process's peak RSS."""
+    from datetime import datetime
+
+    from airflow_audit_export.backfilling import export_range
+
+    conn, settings = _range_process["conn"], _range_process["settings"]
+    started_cpu, started_server = time.process_time(), backend_cpu_seconds(conn)
+    result = export_range(
+        conn,
+        _range_process["tables"],
+        _range_process["destination"],
+        name=settings.name,
+        window=_range_process["window"],
+        start=datetime.fromisoformat(bounds[0]),
+        end=datetime.fromisoformat(bounds[1]),
+        page_rows=settings.page_rows,
+        rows_per_object=settings.rows_per_object,
+        compression=settings.compression,
+    )
+    return {
+        "result": result,
+        "cpu_seconds": time.process_time() - started_cpu,
+        "server_cpu_seconds": backend_cpu_seconds(conn) - started_server,
+        # VmHWM only grows, so the last range of each process reports that process's peak.
+        "peak_rss_bytes": own_rss_bytes(),
     }
 
 
@@ -286,7 +339,8 @@ def main() -> None:
     if task not in TASKS:
         raise SystemExit(f"Unknown task {task!r}: expected one of {', '.join(TASKS)}.")
     result = TASKS[task](config)
-    result["peak_rss_bytes"] = own_rss_bytes()
+    # The backfill's range processes have peaks of their own, so the figure is the largest of all processes.
+    result["peak_rss_bytes"] = max(own_rss_bytes(), result.get("range_peak_rss_bytes", 0))
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 

@@ -34,7 +34,7 @@ from airflow_audit_export.operators.backfill import (
     BackfillSummaryOperator,
     BackfillWindowOperator,
 )
-from airflow_audit_export.ranges import PageRange, plan_ranges
+from airflow_audit_export.ranges import MIN_PAGES_PER_RANGE, PageRange, plan_ranges
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import configure_connection, describe_backfill_sources, describe_source
 from airflow_audit_export.testing.schema import EXPORT_ROLE, insert_rows
@@ -273,7 +273,8 @@ def test_backfill_window_exact_rows(connect, source_conn_id, tmp_path):
         destination.uri,
         start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         end.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        page_rows=2,
+        # Pages of one row, so that the 45 rows make one range per day (ten pages per range at least).
+        page_rows=1,
         rows_per_object=3,
     )
 
@@ -704,13 +705,41 @@ def test_plan_five_years(connect, exporter_conn, backfill_settings):
     assert_ranges_cover(small, window)
 
 
-def test_plan_capped_by_max_map_length(monkeypatch, source_conn_id, tmp_path):
+def test_plan_min_range_rows_limits_small_windows(connect, exporter_conn, backfill_settings):
+    writer = connect()
+    start = utc_midnight(20)
+    window = parse_window(start, start + timedelta(days=6))
+    insert_rows(writer, 300, start=window.start, end=window.end, seed=21)
+    writer.execute("ANALYZE audit_partitioned")
+    writer.execute("ANALYZE audit")
+    tables = [table for _, table in describe_backfill_sources(exporter_conn, backfill_settings)]
+    per_day = plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES)
+    estimated = sum(r.estimated_rows for r in per_day)
+    assert len(per_day) == 6
+    assert estimated > 100
+
+    for min_range_rows, expected_count in ((estimated + 1, 1), (estimated // 2, 2), (estimated // 3, 3), (1, 6)):
+        ranges = plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES, min_range_rows=min_range_rows)
+        assert len(ranges) == expected_count, (min_range_rows, [r.label for r in ranges])
+        assert_ranges_cover(ranges, window)
+        assert sum(r.estimated_rows for r in ranges) == estimated
+
+    with pytest.raises(ValueError, match=r"Invalid min_range_rows -1: expected zero or a positive integer"):
+        plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES, min_range_rows=-1)
+
+
+def test_plan_capped_by_max_map_length(monkeypatch, connect, source_conn_id, tmp_path):
     monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "5")
     end = utc_midnight(5)
     start = end - timedelta(days=5 * 365)
+    writer = connect()
+    insert_rows(writer, 200, start=utc_midnight(30), end=end, seed=22)
+    writer.execute("ANALYZE audit_partitioned")
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
 
-    specs = plan_operator(source_conn_id, destination.uri, start.isoformat(), end.isoformat()).execute({})
+    # Pages of one row, so that ten pages per range allow far more than 5 ranges.
+    operator = plan_operator(source_conn_id, destination.uri, start.isoformat(), end.isoformat(), page_rows=1)
+    specs = operator.execute({})
 
     assert 1 < len(specs) <= 5
     assert specs[0]["from"] == start.isoformat()
@@ -800,9 +829,11 @@ def test_backfill_dag_range_labels(backfill_airflow_db, pg_cluster, database, co
     writer.execute("ANALYZE audit_partitioned")
     writer.execute("ANALYZE audit")
     tables = [table for _, table in describe_backfill_sources(exporter_conn, backfill_settings)]
-    expected_labels = [r.label for r in plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES)]
+    # Ten pages of 8 rows per range at least: the 230 rows make 2 ranges, where 5 days would allow 5.
+    conf = {"from": start.isoformat(), "to": window.end.isoformat(), "page_rows": 8}
+    planned = plan_ranges(exporter_conn, tables, window, DEFAULT_MAX_RANGES, min_range_rows=MIN_PAGES_PER_RANGE * 8)
+    expected_labels = [r.label for r in planned]
     destination = parse_destination(f"file://{tmp_path / 'bucket'}")
-    conf = {"from": start.isoformat(), "to": window.end.isoformat(), "page_rows": 50}
 
     dags_test("audit_backfill", conf, database_uri=pg_cluster.uri(database, user=EXPORT_ROLE), destination_uri=destination.uri)
 
@@ -823,7 +854,7 @@ def test_backfill_dag_range_labels(backfill_airflow_db, pg_cluster, database, co
     labels = [label for _, label in rows]
     assert [index for index, _ in rows] == list(range(len(expected_labels)))
     assert labels == expected_labels
-    assert len(labels) == 5
+    assert len(labels) == 2
     for label in labels:
         assert DAY_LABEL.match(label), label
 

@@ -17,7 +17,7 @@ from airflow_audit_export.operators.base import (
     operator_settings,
     source_connection,
 )
-from airflow_audit_export.ranges import plan_ranges
+from airflow_audit_export.ranges import MIN_PAGES_PER_RANGE, plan_ranges
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import describe_backfill_sources
 from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_instant, parse_window
@@ -166,7 +166,8 @@ class BackfillWindowOperator(_BackfillBase):
     :param window_from: Start of the window, ISO 8601 with offset. (templated)
     :param window_to: End of the window, exclusive, ISO 8601 with offset. (templated)
     :param page_rows: Rows per keyset page (``LIMIT``). (templated)
-    :param max_ranges: Maximum number of page ranges, capped by Airflow's ``core.max_map_length``.
+    :param max_ranges: Maximum number of page ranges, capped by Airflow's ``core.max_map_length``. A
+        window also gets no more ranges than its estimated rows divided by ten pages (``page_rows``).
     :param postgres_conn_id: Airflow connection to the source database.
     :param aws_conn_id: Airflow connection for an ``s3://`` destination.
     :param legacy_table: Older unpartitioned table with the same columns, exported too. (templated)
@@ -224,16 +225,21 @@ class BackfillWindowOperator(_BackfillBase):
                         gap.get("reason"),
                     )
                 destination.check_writable()
-                ranges = plan_ranges(conn, [table for _, table in tables], window, max_ranges)
+                min_range_rows = MIN_PAGES_PER_RANGE * settings.page_rows
+                ranges = plan_ranges(
+                    conn, [table for _, table in tables], window, max_ranges, min_range_rows=min_range_rows
+                )
 
             self.log.info(
-                "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s)",
+                "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s, "
+                "at least %s estimated rows per range)",
                 len(ranges),
                 window.start,
                 window.end,
                 sum(r.estimated_rows for r in ranges),
                 self.max_ranges,
                 max_map_length,
+                min_range_rows,
             )
             return [
                 {**r.to_json(), "window_from": window.start.isoformat(), "window_to": window.end.isoformat(), "page_rows": settings.page_rows}
