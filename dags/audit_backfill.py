@@ -43,7 +43,13 @@ with DAG(
             title="To",
             description="End of the window (exclusive); it must be settled: older than every open transaction.",
         ),
-        "page_rows": Param(10_000, type="integer", minimum=1, maximum=1_000_000, description="Rows per page."),
+        "page_rows": Param(
+            10_000,
+            type="integer",
+            minimum=1,
+            maximum=1_000_000,
+            description="Rows per page. Each mapped range gets at least ten pages of estimated rows.",
+        ),
     },
 ) as dag:
     plan = BackfillWindowOperator(
