@@ -17,6 +17,8 @@ MAX_PEAK_RSS_MIB = 200
 #: Largest ratio of a figure at the largest size to the same figure at the smallest size.
 MAX_GROWTH = 1.2
 MAX_STATEMENT_SECONDS = 1.0
+#: Exports that write to the S3 API, whose rows show the S3 server's CPU time.
+S3_EXPORTS = ("backfill_s3", "peer")
 
 
 def describe_machine(data_dir: Path, server_version: str) -> dict:
@@ -143,13 +145,15 @@ def render_markdown(report: dict) -> str:
         "## Backfill, the limit and the peer",
         "",
         f"Medians of {report['settings']['repeat']} runs, except where a row says one run. Peak RSS is the "
-        f"largest of the runs. The backfill exports {report['settings']['range_workers']} ranges at a time unless "
-        "a row says otherwise. RSS after setup is the backfill worker's RSS once its imports, connections and "
-        "S3 client are ready, before the first statement.",
+        f"largest of the runs and, for the backfill, of its processes. The backfill exports ranges in "
+        f"{report['settings']['range_workers']} range processes at a time unless a row says otherwise. RSS after "
+        "setup is the largest RSS of the backfill's processes once their imports, connections and S3 clients are "
+        "ready, before the first statement. S3 server CPU is the moto server's, which runs in the benchmark's "
+        "process on the same cores.",
         "",
         "| rows (main + legacy) | export | seconds | rows/s | ratio to the limit | peak RSS MiB | "
-        "RSS after setup MiB | worker CPU s | server CPU s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "RSS after setup MiB | worker CPU s | server CPU s | S3 server CPU s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size in report["sizes"]:
         label = f"{size['total_rows']:,} ({size['rows']:,} + {size['legacy_rows']:,})"
@@ -169,7 +173,8 @@ def render_markdown(report: dict) -> str:
                 f"| {label} | {title} | {figures['seconds']:.1f} | {_rate(figures['rows_per_second'])} | "
                 f"{'' if ratio is None else f'{ratio:.2f}'} | {_mib(figures['peak_rss_bytes'])} | "
                 f"{_mib(figures['setup_rss_bytes']) if 'setup_rss_bytes' in figures else ''} | "
-                f"{figures['worker_cpu_seconds']:.1f} | {_optional(figures.get('server_cpu_seconds'))} |"
+                f"{figures['worker_cpu_seconds']:.1f} | {_optional(figures.get('server_cpu_seconds'))} | "
+                f"{_optional(figures.get('s3_server_cpu_seconds')) if name in S3_EXPORTS else ''} |"
             )
     lines += [
         "",
@@ -190,11 +195,12 @@ def render_markdown(report: dict) -> str:
         "## Drain of a 30-day backlog under a statement timeout",
         "",
         "| rows | statement_timeout | runs | page statements | all statements | slowest page statement s | "
-        "slowest statement ms | cancelled pages | seconds | rows/s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "slowest statement ms | page statements' total s | cancelled pages | seconds | rows/s |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {drain['rows']:,} | {drain['statement_timeout']} | {drain['runs']} | {drain['page_statements']} | "
         f"{drain['statements']} | {drain['slowest_page_statement_seconds']:.3f} | {drain['slowest_statement_ms']:.1f} | "
-        f"{drain['cancelled_pages']} | {drain['seconds']:.1f} | {_rate(drain['rows'] / drain['seconds'])} |",
+        f"{drain['reader_exec_seconds']:.1f} | {drain['cancelled_pages']} | {drain['seconds']:.1f} | "
+        f"{_rate(drain['rows'] / drain['seconds'])} |",
         "",
         "## Targets",
         "",

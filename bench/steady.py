@@ -37,7 +37,8 @@ SELECT
     coalesce(sum(shared_blks_hit + shared_blks_read), 0)::bigint,
     coalesce(sum(shared_blks_hit + shared_blks_read) FILTER (WHERE query LIKE '%%row_to_json%%'), 0)::bigint,
     coalesce(sum(calls) FILTER (WHERE query LIKE '%%row_to_json%%'), 0)::bigint,
-    coalesce(max(max_exec_time), 0)
+    coalesce(max(max_exec_time), 0),
+    coalesce(sum(total_exec_time) FILTER (WHERE query LIKE '%%row_to_json%%'), 0)
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND userid = %s::regrole
@@ -52,13 +53,15 @@ def _exporter(cluster: PostgresCluster, database: str) -> psycopg.Connection:
 
 def _statement_costs(admin: psycopg.Connection) -> dict:
     """Sum the export role's statements in this database since the last ``pg_stat_statements_reset()``."""
-    calls, buffers, reader_buffers, reader_calls, slowest_ms = admin.execute(STATEMENT_COSTS, (EXPORT_ROLE,)).fetchone()
+    row = admin.execute(STATEMENT_COSTS, (EXPORT_ROLE,)).fetchone()
+    calls, buffers, reader_buffers, reader_calls, slowest_ms, reader_ms = row
     return {
         "statements": calls,
         "shared_buffers": buffers,
         "reader_statements": reader_calls,
         "reader_shared_buffers": reader_buffers,
         "slowest_statement_ms": round(float(slowest_ms), 2),
+        "reader_exec_seconds": round(float(reader_ms) / 1000, 2),
     }
 
 

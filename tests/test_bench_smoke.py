@@ -24,7 +24,7 @@ TIMEOUT_SECONDS = 400
 # The peer's connection is opened inside SqlToS3Operator, so its server CPU time is not measured.
 PEER_FIGURES = ("rows", "seconds", "rows_per_second", "peak_rss_bytes", "worker_cpu_seconds", "ratio_to_limit")
 LIMIT_FIGURES = ("rows", "seconds", "rows_per_second", "peak_rss_bytes", "worker_cpu_seconds", "server_cpu_seconds")
-BACKFILL_FIGURES = (*LIMIT_FIGURES, "objects", "bytes", "ranges", "ratio_to_limit")
+BACKFILL_FIGURES = (*LIMIT_FIGURES, "objects", "bytes", "ranges", "ratio_to_limit", "s3_server_cpu_seconds")
 STEADY_FIGURES = (
     "table_rows",
     "rows",
@@ -43,6 +43,7 @@ DRAIN_FIGURES = (
     "statements",
     "slowest_page_statement_seconds",
     "slowest_statement_ms",
+    "reader_exec_seconds",
     "cancelled_pages",
     "seconds",
 )
