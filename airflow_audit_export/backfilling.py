@@ -25,13 +25,10 @@ import psycopg
 from airflow_audit_export.reading import KeysetPosition, build_page_query, read_ahead
 from airflow_audit_export.source import SourceTable
 from airflow_audit_export.window import Window
-from airflow_audit_export.writing import Destination, StagedObject, object_key, utc_day
+from airflow_audit_export.writing import WRITE_BLOCK_ROWS, Destination, StagedObject, object_key, utc_day
 
 log = logging.getLogger(__name__)
 
-#: Documents joined into one write to a staged object. The per-call costs of gzip stay small, and so does the
-#: joined copy (about 300 kB for the reference schema's rows).
-WRITE_BLOCK_ROWS = 1_000
 
 
 def backfill_stem(name: str, window: Window, source: str, first_id: str) -> str:

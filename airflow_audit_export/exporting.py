@@ -17,7 +17,14 @@ from airflow_audit_export.reading import ExportRow, KeysetPosition, XminRangeRea
 from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import describe_source
 from airflow_audit_export.state import ExportState, StateStore, StateTableError
-from airflow_audit_export.writing import Destination, StagedObject, object_key, steady_state_stem, utc_day
+from airflow_audit_export.writing import (
+    WRITE_BLOCK_ROWS,
+    Destination,
+    StagedObject,
+    object_key,
+    steady_state_stem,
+    utc_day,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +256,18 @@ def _write_objects(
 
     staged: StagedObject | None = None
     staged_day = None
+    staged_rows = 0
+    # Documents of the staged object not written yet: one gzip write per block costs far less than one per row.
+    block: list[str] = []
     last_row: ExportRow | None = None
     rows_this_attempt = 0
     rows = reader.rows(KeysetPosition.from_json(pending["position"]))
     try:
         for row in rows:
             day = utc_day(row.timestamp)
-            if staged is not None and (staged.rows >= pending["rows_per_object"] or day != staged_day):
+            if staged is not None and (staged_rows >= pending["rows_per_object"] or day != staged_day):
+                staged.write_many(block)
+                block = []
                 rows_this_attempt += staged.rows
                 _publish(store, settings, destination, pending, staged, staged_day, last_row, notify)
                 staged = None
@@ -264,9 +276,15 @@ def _write_objects(
             if staged is None:
                 staged = StagedObject(destination.staging_dir(), pending["compression"])
                 staged_day = day
-            staged.write(row.document)
+                staged_rows = 0
+            block.append(row.document)
+            staged_rows += 1
+            if len(block) >= WRITE_BLOCK_ROWS:
+                staged.write_many(block)
+                block = []
             last_row = row
         if staged is not None:
+            staged.write_many(block)
             _publish(store, settings, destination, pending, staged, staged_day, last_row, notify)
             staged = None
         return True

@@ -16,7 +16,7 @@ from airflow_audit_export.window import Window
 #: Upper bound on estimate statements per table. Longer windows are estimated in chunks of whole days.
 MAX_ESTIMATE_BUCKETS = 366
 
-#: Pages of estimated rows that a backfill range contains at least, when the window has that many.
+#: Pages of estimated rows per backfill range: a window gets at most one range for each this many pages.
 MIN_PAGES_PER_RANGE = 10
 
 

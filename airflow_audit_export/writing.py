@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 DESTINATION_SCHEMES = ("file", "s3")
 
+#: Documents joined into one write to a staged object. The per-call costs of gzip stay small, and so does the
+#: joined copy (about 300 kB for the reference schema's rows).
+WRITE_BLOCK_ROWS = 1_000
+
 
 class DestinationError(ValueError):
     """The destination URI is invalid, or the destination cannot be written."""
