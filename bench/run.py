@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -308,6 +309,11 @@ def _steady(bench: Bench, database: str, size: int) -> dict:
     return result
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    log.warning("Stopping on SIGTERM: removing the cluster, the S3 server and the files")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -316,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("repeat", "range_workers", "page_rows", "rows_per_object"):
         if getattr(args, option) < 1:
             raise SystemExit(f"Invalid --{option.replace('_', '-')} {getattr(args, option)}: expected at least 1.")
+    # The report is written at the end, so a folder that cannot take it must fail now, not after the whole run.
+    if args.report and not os.access(args.report.resolve().parent, os.W_OK):
+        raise SystemExit(
+            f"Invalid --report {str(args.report)!r}: folder {str(args.report.resolve().parent)!r} does not exist or "
+            "is not writable. Create it or choose another path."
+        )
+    # SIGTERM (from timeout or a CI runner) must unwind like Ctrl-C, so the cluster is stopped and its files removed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     with tempfile.TemporaryDirectory(prefix="audit-export-bench-", dir=args.work_dir) as work:
         work_dir = Path(work)
