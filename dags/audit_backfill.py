@@ -48,7 +48,7 @@ with DAG(
             type="integer",
             minimum=1,
             maximum=1_000_000,
-            description="Rows per page. Each mapped range gets at least ten pages of estimated rows.",
+            description="Rows per page. A window gets at most one mapped range per ten pages of estimated rows.",
         ),
     },
 ) as dag:
