@@ -30,7 +30,6 @@ from airflow_audit_export.writing import WRITE_BLOCK_ROWS, Destination, StagedOb
 log = logging.getLogger(__name__)
 
 
-
 def backfill_stem(name: str, window: Window, source: str, first_id: str) -> str:
     """Name a backfill object by its window, its source table role and its first id."""
     return f"{name}_backfill_{window.token}_{source}_{quote(first_id, safe='-_.')}"

@@ -256,7 +256,6 @@ def _write_objects(
 
     staged: StagedObject | None = None
     staged_day = None
-    staged_rows = 0
     # Documents of the staged object not written yet: one gzip write per block costs far less than one per row.
     block: list[str] = []
     last_row: ExportRow | None = None
@@ -265,7 +264,7 @@ def _write_objects(
     try:
         for row in rows:
             day = utc_day(row.timestamp)
-            if staged is not None and (staged_rows >= pending["rows_per_object"] or day != staged_day):
+            if staged is not None and (staged.rows + len(block) >= pending["rows_per_object"] or day != staged_day):
                 staged.write_many(block)
                 block = []
                 rows_this_attempt += staged.rows
@@ -276,9 +275,7 @@ def _write_objects(
             if staged is None:
                 staged = StagedObject(destination.staging_dir(), pending["compression"])
                 staged_day = day
-                staged_rows = 0
             block.append(row.document)
-            staged_rows += 1
             if len(block) >= WRITE_BLOCK_ROWS:
                 staged.write_many(block)
                 block = []

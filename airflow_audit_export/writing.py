@@ -271,7 +271,7 @@ class StagedObject:
         self.rows += 1
 
     def write_many(self, documents: list[str]) -> None:
-        """Append documents as NDJSON lines in one write: the same bytes as one ``write`` per document."""
+        """Append documents as NDJSON lines with one joined write, which gives the same bytes as one ``write`` each."""
         if documents:
             self._out.write("\n".join(documents).encode("utf-8"))
             self._out.write(b"\n")

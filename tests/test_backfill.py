@@ -39,7 +39,7 @@ from airflow_audit_export.settings import ExportSettings
 from airflow_audit_export.source import configure_connection, describe_backfill_sources, describe_source
 from airflow_audit_export.testing.schema import EXPORT_ROLE, insert_rows
 from airflow_audit_export.window import Window, WindowError, check_window_settled, parse_window
-from airflow_audit_export.writing import LocalDestination, parse_destination
+from airflow_audit_export.writing import LocalDestination, StagedObject, parse_destination
 
 UTC = timezone.utc
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -623,6 +623,24 @@ def test_backfill_range_retry(connect, exporter_conn, backfill_settings, tmp_pat
     for key, (data, mtime_ns) in others.items():
         assert destination.path_of(key).read_bytes() == data, key
         assert destination.path_of(key).stat().st_mtime_ns == mtime_ns, key
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_write_many_matches_row_writes(compression, tmp_path):
+    documents = ['{"id": "1"}', '{"note": "caf\u00e9\\n"}', "{}", '{"id": "4"}']
+    one_by_one = StagedObject(str(tmp_path), compression)
+    for document in documents:
+        one_by_one.write(document)
+    one_by_one.finish()
+    in_blocks = StagedObject(str(tmp_path), compression)
+    in_blocks.write_many(documents[:2])
+    in_blocks.write_many([])
+    in_blocks.write_many(documents[2:])
+    in_blocks.finish()
+
+    assert Path(in_blocks.path).read_bytes() == Path(one_by_one.path).read_bytes()
+    assert in_blocks.rows == len(documents)
+    assert one_by_one.rows == len(documents)
 
 
 # -- uuid ids in an unpartitioned table -------------------------------------------------

@@ -232,7 +232,7 @@ class BackfillWindowOperator(_BackfillBase):
 
             self.log.info(
                 "Planned %s ranges for [%s, %s), about %s rows in total (max_ranges %s, max_map_length %s, "
-                "at least %s estimated rows per range)",
+                "at most one range per %s estimated rows)",
                 len(ranges),
                 window.start,
                 window.end,
